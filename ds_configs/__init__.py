@@ -1,0 +1,1 @@
+"""DeepSpeed ZeRO recipes, installed as package data of megadeep (see megadeep.config.deepspeed)."""

@@ -1,0 +1,116 @@
+"""Compose the DeepSpeed config dict: a ZeRO recipe from ``ds_configs/`` + a precision fragment +
+the run's own numbers.
+
+A recipe says *how* to shard and offload; it never holds batch sizes, lr, clipping or paths. Those
+come from :class:`RunConfig` so that there is exactly one place to change them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+
+from megadeep.config.schema import RunConfig
+from megadeep.errors import ConfigError
+
+# Keys megadeep owns: a recipe that sets them would silently disagree with the run config.
+RUN_OWNED_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "gradient_clipping", "optimizer", "scheduler", "fp16", "bf16",
+)
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def recipes_dir() -> Path:
+    return Path(str(resources.files("megadeep.ds_configs")))
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.json"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON (line {e.lineno}): fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config '{path}' must hold a JSON object")
+    return data
+
+
+def recipe_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix == ".json" or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"deepspeed.config '{name}' does not exist")
+        return p
+    p = recipes_dir() / f"{name}.json"
+    if not p.is_file():
+        raise ConfigError(
+            f"deepspeed.config '{name}' is not a shipped recipe; choose one of {', '.join(available_recipes())} "
+            "or give a path to a JSON file"
+        )
+    return p
+
+
+def load_recipe(name: str) -> dict:
+    path = recipe_path(name)
+    recipe = _read_json(path)
+    owned = [k for k in RUN_OWNED_KEYS if k in recipe]
+    if owned:
+        raise ConfigError(
+            f"DeepSpeed config '{path}' sets '{owned[0]}', which megadeep fills from the run config; "
+            "remove it from the JSON and set train.*/optim.* instead"
+        )
+    return recipe
+
+
+def zero_stage(recipe: dict) -> int:
+    return int(recipe.get("zero_optimization", {}).get("stage", 0))
+
+
+def offload_devices(recipe: dict) -> tuple[str, str]:
+    """(optimizer, param) offload devices: 'none', 'cpu' or 'nvme'."""
+    zero = recipe.get("zero_optimization", {})
+    return (
+        zero.get("offload_optimizer", {}).get("device", "none"),
+        zero.get("offload_param", {}).get("device", "none"),
+    )
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def precision_fragment(precision: str) -> dict:
+    if precision == "fp32":
+        return {}
+    return _read_json(recipes_dir() / "precision" / f"{precision}.json")
+
+
+def compose(cfg: RunConfig) -> dict:
+    """The dict handed to ``deepspeed.initialize``. ``cfg`` must be resolved (DP and accumulation known)."""
+    t, o = cfg.train, cfg.optim
+    ds = _merge(load_recipe(cfg.deepspeed.config), precision_fragment(t.precision))
+    ds.update(
+        train_batch_size=t.global_batch_size,
+        train_micro_batch_size_per_gpu=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum_steps,
+        gradient_clipping=o.grad_clip,
+        steps_per_print=10**9,  # megadeep logs its own metrics
+        wall_clock_breakdown=False,
+    )
+    ds["optimizer"] = {
+        "type": "AdamW",
+        "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay},
+    }
+    for block in ("offload_optimizer", "offload_param"):
+        off = ds.get("zero_optimization", {}).get(block)
+        if off and off.get("device") == "nvme":
+            off["nvme_path"] = cfg.deepspeed.nvme_path
+    return ds

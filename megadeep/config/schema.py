@@ -1,0 +1,136 @@
+"""The one typed run configuration: CLI → validation → launcher → every rank's trainer.
+
+Every number a run depends on lives here exactly once. The DeepSpeed JSON under ``ds_configs/``
+only holds what is a property of the ZeRO recipe; batch sizes, lr, clipping and paths are filled in
+from this object (see ``megadeep.training.ds_config``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: as many as n_heads (plain multi-head attention)
+    ffn_dim: int | None = None  # None: 8/3·dim rounded up to ffn_multiple_of (Llama's rule)
+    ffn_multiple_of: int = 64
+    max_seq_len: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    residual_scaling: bool = True  # output projections start at init_std/√(2L)
+    deepnorm: bool = False  # post-norm with α=(2L)^¼ residual and β=(8L)^-¼ init
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    vocab_pad_unit: int = 64  # vocab is padded to a multiple of TP × this
+    activation_checkpointing: bool = False
+    fused_kernels: str = "auto"  # auto | on | off: megadeep's csrc RMSNorm/SwiGLU
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_ffn(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
+        m = self.ffn_multiple_of
+        return m * ((int(8 * self.dim / 3) + m - 1) // m)
+
+    def padded_vocab(self, tp: int) -> int:
+        unit = tp * self.vocab_pad_unit
+        return unit * ((self.vocab_size + unit - 1) // unit)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 0  # 0: whatever the world size leaves after TP and PP
+    sequence_parallel: bool = False
+    partition_method: str = "parameters"  # pipeline stage split: parameters | uniform | type:<regex>
+    pipeline_checkpoint_interval: int = 0  # activation checkpointing every k layers of a stage
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    steps: int = 100
+    seq_len: int = 128
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    grad_accum_steps: int = 0  # 0: derived, global / (micro × DP)
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda
+    eval_every: int = 0  # steps between validation passes; 0: only at the end
+    eval_iters: int = 4  # global batches in one validation pass
+    dist_timeout_s: float = 600.0  # a collective that waits longer than this fails the run
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "zero1"  # a name under ds_configs/ or a path to a JSON file
+    nvme_path: str = ""  # where ZeRO-Infinity swaps to, for configs that offload to NVMe
+    optimizer: str = "auto"  # auto | apex_fused | ds_fused | ds_cpu_adam | torch
+
+
+@dataclass
+class DataConfig:
+    source: str = "bytes"  # bytes: raw UTF-8 bytes of text files | tokens: preprocessed shards
+    paths: list[str] = field(default_factory=list)  # text files (bytes) or manifests (tokens)
+    weights: list[float] = field(default_factory=list)  # blend weights, one per path
+    corpus: str = ""  # a bundled corpus name (e.g. shakespeare) used when paths is empty
+    val_fraction: float = 0.02
+    tokenizer: str = ""  # a SentencePiece model, for source=tokens
+
+
+@dataclass
+class LogConfig:
+    metrics_file: str = ""  # JSON lines, one per optimizer step (rank 0)
+    tensorboard_dir: str = ""
+    log_every: int = 1
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    save_every: int = 0  # steps; 0: only at the end and on SIGUSR1
+    save_minutes: float = 0.0
+    keep_last: int = 3
+    keep_every: int = 0
+    resume: str = "auto"  # auto | none | a checkpoint directory
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

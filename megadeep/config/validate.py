@@ -1,0 +1,131 @@
+"""Check a run config against a world size before any process starts, and derive what follows.
+
+Each failure is one :class:`ConfigError` line naming the keys involved and a way out.
+"""
+from __future__ import annotations
+
+import copy
+
+from megadeep.config.deepspeed import PRECISIONS, load_recipe, offload_devices, zero_stage
+from megadeep.config.schema import RunConfig
+from megadeep.errors import ConfigError
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_model(cfg: RunConfig) -> None:
+    m, tp = cfg.model, cfg.parallel.tp
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "vocab_pad_unit"):
+        _require(getattr(m, key) >= 1, f"model.{key} must be at least 1, got {getattr(m, key)}")
+    _require(m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    _require(m.head_dim % 2 == 0, f"head dim model.dim/model.n_heads={m.head_dim} must be even for RoPE")
+    _require(
+        m.n_heads % m.kv_heads == 0,
+        f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.kv_heads}; pick kv-heads that divide it",
+    )
+    _require(
+        m.n_heads % tp == 0,
+        f"model.n_heads={m.n_heads} is not divisible by parallel.tp={tp}; use a tp that divides the head count",
+    )
+    _require(
+        m.kv_heads % tp == 0,
+        f"model.n_kv_heads={m.kv_heads} is not divisible by parallel.tp={tp}; "
+        f"use tp ≤ {m.kv_heads} dividing it, or more kv-heads",
+    )
+    _require(
+        m.hidden_ffn % tp == 0,
+        f"FFN width {m.hidden_ffn} is not divisible by parallel.tp={tp}; set model.ffn_dim to a multiple of tp",
+    )
+    _require(0.0 <= m.dropout < 1.0 and 0.0 <= m.attention_dropout < 1.0, "model dropouts must be in [0, 1)")
+    _require(m.fused_kernels in ("auto", "on", "off"), f"model.fused_kernels must be auto, on or off, got '{m.fused_kernels}'")
+    _require(
+        not (m.deepnorm and m.residual_scaling),
+        "model.deepnorm and model.residual_scaling are two different deep-model inits; set one of them to false",
+    )
+
+
+def _check_layout(cfg: RunConfig, world_size: int) -> None:
+    p = cfg.parallel
+    _require(p.tp >= 1 and p.pp >= 1 and p.dp >= 0, "parallel.tp and parallel.pp must be ≥ 1 and parallel.dp ≥ 0")
+    _require(
+        world_size % (p.tp * p.pp) == 0,
+        f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp}×{p.pp}; "
+        f"use a process count that is a multiple of {p.tp * p.pp}",
+    )
+    dp = world_size // (p.tp * p.pp)
+    _require(
+        p.dp in (0, dp),
+        f"parallel.dp × tp × pp = {p.dp}×{p.tp}×{p.pp} = {p.dp * p.tp * p.pp} but the world size is {world_size}; "
+        "set parallel.dp=0 to derive it, or change the process count",
+    )
+    _require(
+        p.pp <= cfg.model.n_layers,
+        f"parallel.pp={p.pp} is more pipeline stages than model.n_layers={cfg.model.n_layers}",
+    )
+    _require(
+        p.partition_method in ("parameters", "uniform") or p.partition_method.startswith("type:"),
+        f"parallel.partition_method must be parameters, uniform or type:<regex>, got '{p.partition_method}'",
+    )
+    if p.sequence_parallel:
+        _require(
+            cfg.train.seq_len % p.tp == 0,
+            f"sequence parallel splits train.seq_len={cfg.train.seq_len} over parallel.tp={p.tp}: make it divisible",
+        )
+
+
+def _check_batch(cfg: RunConfig, dp: int) -> int:
+    t = cfg.train
+    _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be ≥ 1, got {t.micro_batch_size}")
+    _require(t.steps >= 1, f"train.steps must be ≥ 1, got {t.steps}")
+    _require(1 <= t.seq_len <= cfg.model.max_seq_len,
+             f"train.seq_len={t.seq_len} must be between 1 and model.max_seq_len={cfg.model.max_seq_len}")
+    per_step = t.micro_batch_size * dp
+    accum = t.grad_accum_steps or (t.global_batch_size // per_step if t.global_batch_size % per_step == 0 else 0)
+    _require(
+        accum >= 1 and t.global_batch_size == per_step * accum,
+        f"train.global_batch_size={t.global_batch_size} must equal micro_batch_size × grad_accum_steps × DP "
+        f"= {t.micro_batch_size} × {t.grad_accum_steps or 'k'} × {dp}; use a global batch that is a multiple of {per_step}",
+    )
+    return accum
+
+
+def _check_training(cfg: RunConfig) -> None:
+    t, o = cfg.train, cfg.optim
+    _require(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got '{t.precision}'")
+    _require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got '{t.device}'")
+    _require(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"need 0 ≤ optim.min_lr ≤ optim.lr and lr > 0 (lr={o.lr}, min_lr={o.min_lr})")
+    _require(0 <= o.warmup_steps <= t.steps,
+             f"optim.warmup_steps={o.warmup_steps} must be between 0 and train.steps={t.steps}")
+    _require(0 < o.beta1 < 1 and 0 < o.beta2 < 1, "optim.beta1 and optim.beta2 must be in (0, 1)")
+    _require(o.grad_clip >= 0, f"optim.grad_clip must be ≥ 0 (0 disables clipping), got {o.grad_clip}")
+
+
+def _check_deepspeed(cfg: RunConfig) -> None:
+    recipe = load_recipe(cfg.deepspeed.config)
+    stage = zero_stage(recipe)
+    _require(stage in (0, 1, 2, 3), f"zero_optimization.stage in '{cfg.deepspeed.config}' must be 0-3, got {stage}")
+    _require(
+        cfg.parallel.pp == 1 or stage <= 1,
+        f"ZeRO stage {stage} ('{cfg.deepspeed.config}') cannot run with parallel.pp={cfg.parallel.pp}: "
+        "DeepSpeed's pipeline engine supports ZeRO 0/1 only; use deepspeed.config=zero1 or pp=1",
+    )
+    opt_dev, param_dev = offload_devices(recipe)
+    if "nvme" in (opt_dev, param_dev):
+        _require(bool(cfg.deepspeed.nvme_path),
+                 f"'{cfg.deepspeed.config}' offloads to NVMe: set deepspeed.nvme_path to a fast local directory")
+
+
+def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
+    """Validate ``cfg`` for ``world_size`` processes and return a copy with DP and accumulation filled in."""
+    _require(world_size >= 1, f"world size must be ≥ 1, got {world_size}")
+    _check_layout(cfg, world_size)
+    _check_model(cfg)
+    _check_training(cfg)
+    _check_deepspeed(cfg)
+    out = copy.deepcopy(cfg)
+    out.parallel.dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    out.train.grad_accum_steps = _check_batch(cfg, out.parallel.dp)
+    return out

@@ -1,0 +1,5 @@
+"""Errors a user can fix. The CLI prints them as one line and exits 2, with no traceback."""
+
+
+class ConfigError(ValueError):
+    """A run configuration (or its DeepSpeed recipe) that cannot work, with how to fix it."""
