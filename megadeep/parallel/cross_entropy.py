@@ -1,0 +1,68 @@
+"""Cross-entropy over logits whose vocabulary is split across TP ranks, without gathering them.
+
+Three small all-reduces (max, target logit, sum of exponentials) replace an all-gather of
+``[tokens, vocab]``. Columns at or past the real ``vocab_size`` (TP padding) are masked to -inf, so
+they can never win the max nor take probability mass.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megadeep.parallel import groups
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, vocab_size, ignore_index):
+        group = groups.get_tensor_model_parallel_group() if groups.is_initialized() else None
+        world = groups.get_tensor_model_parallel_world_size()
+        per_rank = logits.shape[-1]
+        start = groups.get_tensor_model_parallel_rank() * per_rank
+
+        logits = logits.float()
+        n_real = min(max(vocab_size - start, 0), per_rank)
+        if n_real < per_rank:
+            logits = logits.clone()
+            logits[..., n_real:] = float("-inf")
+
+        logits_max = logits.max(dim=-1).values
+        if world > 1:
+            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - logits_max.unsqueeze(-1)
+
+        ignored = target == ignore_index
+        local_t = target - start
+        in_shard = (local_t >= 0) & (local_t < per_rank) & ~ignored
+        local_t = local_t.masked_fill(~in_shard, 0)
+        target_logit = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~in_shard, 0.0)
+
+        exp = shifted.exp_()
+        sum_exp = exp.sum(dim=-1)
+        if world > 1:
+            dist.all_reduce(target_logit, group=group)
+            dist.all_reduce(sum_exp, group=group)
+
+        loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_t, in_shard, ignored)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_t, in_shard, ignored = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), -in_shard.unsqueeze(-1).to(grad.dtype))
+        grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
+        return grad, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    """Per-token loss (0 where ``target == ignore_index``) for vocab-parallel ``logits[..., V/TP]``."""
+    return _VocabParallelCrossEntropy.apply(logits, target, vocab_size, ignore_index)
+
+
+def mean_loss(per_token: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    count = (target != ignore_index).sum().clamp(min=1)
+    return per_token.sum() / count

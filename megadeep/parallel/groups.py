@@ -1,0 +1,138 @@
+"""The process groups of a DP×TP×PP run — the only global state in megadeep.
+
+The module itself is what we hand DeepSpeed as ``mpu``: it answers the Megatron-style getters
+DeepSpeed asks for. In DeepSpeed's vocabulary "model parallel" means tensor parallel (it dedups
+TP-replicated parameters in the grad norm and names checkpoint shards ``mp_rank_XX`` by it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from megadeep.parallel.layout import Layout
+
+
+@dataclass
+class _Groups:
+    layout: Layout
+    rank: int
+    tp: dist.ProcessGroup
+    dp: dist.ProcessGroup
+    pp: dist.ProcessGroup
+    tp_ranks: list[int]
+    dp_ranks: list[int]
+    pp_ranks: list[int]
+
+
+_STATE: _Groups | None = None
+
+
+def _mine(groups: list[list[int]], rank: int) -> tuple[dist.ProcessGroup, list[int]]:
+    """Create every group (all ranks must call new_group for each, in order) and keep ours."""
+    found = None
+    for ranks in groups:
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            found = (g, ranks)
+    assert found is not None
+    return found
+
+
+def initialize(layout: Layout) -> None:
+    """Build TP, DP and PP groups for ``layout``. torch.distributed must already be initialised."""
+    global _STATE
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised; call megadeep.launch.env.init_distributed first")
+    if dist.get_world_size() != layout.world_size:
+        raise RuntimeError(f"layout {layout} needs {layout.world_size} ranks, world has {dist.get_world_size()}")
+    destroy()
+    rank = dist.get_rank()
+    tp, tp_ranks = _mine(layout.tp_groups(), rank)
+    dp, dp_ranks = _mine(layout.dp_groups(), rank)
+    pp, pp_ranks = _mine(layout.pp_groups(), rank)
+    _STATE = _Groups(layout, rank, tp, dp, pp, tp_ranks, dp_ranks, pp_ranks)
+
+
+def is_initialized() -> bool:
+    return _STATE is not None
+
+
+def destroy() -> None:
+    global _STATE
+    if _STATE is not None and dist.is_initialized():
+        for g in (_STATE.tp, _STATE.dp, _STATE.pp):
+            dist.destroy_process_group(g)
+    _STATE = None
+
+
+def _state() -> _Groups:
+    if _STATE is None:
+        raise RuntimeError("megadeep process groups are not initialised (megadeep.parallel.groups.initialize)")
+    return _STATE
+
+
+def layout() -> Layout:
+    return _state().layout
+
+
+def coord():
+    s = _state()
+    return s.layout.coord(s.rank)
+
+
+# Tensor parallel.
+def get_tensor_model_parallel_group() -> dist.ProcessGroup:
+    return _state().tp
+
+
+def get_tensor_model_parallel_world_size() -> int:
+    return _state().layout.tp if _STATE is not None else 1
+
+
+def get_tensor_model_parallel_rank() -> int:
+    return coord().tp if _STATE is not None else 0
+
+
+def get_tensor_model_parallel_src_rank() -> int:
+    return _state().tp_ranks[0]
+
+
+# DeepSpeed's "model parallel" is our tensor parallel.
+get_model_parallel_group = get_tensor_model_parallel_group
+get_model_parallel_world_size = get_tensor_model_parallel_world_size
+get_model_parallel_rank = get_tensor_model_parallel_rank
+
+
+# Data parallel.
+def get_data_parallel_group() -> dist.ProcessGroup:
+    return _state().dp
+
+
+def get_data_parallel_world_size() -> int:
+    return _state().layout.dp if _STATE is not None else 1
+
+
+def get_data_parallel_rank() -> int:
+    return coord().dp if _STATE is not None else 0
+
+
+def get_data_parallel_group_ranks() -> list[int]:
+    return list(_state().dp_ranks)
+
+
+# Pipeline parallel.
+def get_pipeline_model_parallel_group() -> dist.ProcessGroup:
+    return _state().pp
+
+
+def get_pipeline_model_parallel_world_size() -> int:
+    return _state().layout.pp if _STATE is not None else 1
+
+
+def get_pipeline_model_parallel_rank() -> int:
+    return coord().pp if _STATE is not None else 0
+
+
+def get_pipeline_model_parallel_group_ranks() -> list[int]:
+    return list(_state().pp_ranks)

@@ -1,0 +1,176 @@
+"""Tensor-parallel layers: thin modules over :mod:`megadeep.parallel.comm`.
+
+Each layer holds only its local shard (``.weight`` is ``[out/TP, in]`` for a column-parallel linear,
+``[out, in/TP]`` for a row-parallel one) and is initialised from the *full* tensor, drawn from a
+generator and then sharded, so that a shard equals the matching slice of the TP=1 weight.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megadeep.parallel import comm, groups
+from megadeep.parallel.sharding import mark, shard
+
+Fill = Callable[[torch.Tensor, torch.Generator | None], None]
+
+
+def normal_fill(std: float) -> Fill:
+    def fill(t: torch.Tensor, gen: torch.Generator | None) -> None:
+        t.normal_(0.0, std, generator=gen)
+
+    return fill
+
+
+def zeros_fill(t: torch.Tensor, gen: torch.Generator | None) -> None:
+    t.zero_()
+
+
+def vocab_fill(num_real: int, std: float) -> Fill:
+    """Normal rows for the real vocabulary, zeros for TP padding. Only the real rows are drawn, so
+    the values do not depend on how much padding the TP size adds."""
+
+    def fill(t: torch.Tensor, gen: torch.Generator | None) -> None:
+        t[:num_real].normal_(0.0, std, generator=gen)
+        t[num_real:].zero_()
+
+    return fill
+
+
+def full_shape(param: torch.Tensor) -> list[int]:
+    shape = list(getattr(param, "ds_shape", param.shape))
+    if param.partition_dim is not None:
+        shape[param.partition_dim] *= groups.get_tensor_model_parallel_world_size()
+    return shape
+
+
+@torch.no_grad()
+def init_sharded_(param: nn.Parameter, fill: Fill, gen: torch.Generator | None = None) -> None:
+    """Fill the full TP=1 tensor in fp32 and copy this rank's shard into ``param``."""
+    full = torch.empty(full_shape(param), dtype=torch.float32, device=param.device)
+    fill(full, gen)
+    piece = shard(
+        full,
+        param.partition_dim,
+        groups.get_tensor_model_parallel_rank(),
+        groups.get_tensor_model_parallel_world_size(),
+        param.partition_stride,
+    )
+    param.copy_(piece)
+
+
+def _divide(n: int, world: int, what: str) -> int:
+    if n % world:
+        raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {world}")
+    return n // world
+
+
+class ColumnParallelLinear(nn.Module):
+    """``Y = X Aᵀ`` with A split by output rows: each rank computes its slice of the outputs.
+
+    ``stride`` > 1 splits each of that many stacked blocks separately (see ``sharding``).
+    With ``sequence_parallel`` the input arrives split on the sequence and is all-gathered first.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, gather_output: bool = False,
+                 stride: int = 1, sequence_parallel: bool = False, init: Fill = normal_fill(0.02),
+                 device=None, dtype=None):
+        super().__init__()
+        world = groups.get_tensor_model_parallel_world_size()
+        self.in_features, self.out_features = in_features, out_features
+        self.gather_output, self.sequence_parallel, self.init = gather_output, sequence_parallel, init
+        local_out = _divide(out_features, world * stride, "out_features/stride") * stride
+        kw = dict(device=device, dtype=dtype)
+        self.weight = mark(nn.Parameter(torch.empty(local_out, in_features, **kw)), 0, stride)
+        self.bias = mark(nn.Parameter(torch.empty(local_out, **kw)), 0, stride) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self, gen: torch.Generator | None = None) -> None:
+        init_sharded_(self.weight, self.init, gen)
+        if self.bias is not None:
+            init_sharded_(self.bias, zeros_fill)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = comm.gather_from_sequence_parallel_region(x)
+        else:
+            x = comm.copy_to_tensor_parallel_region(x)
+        y = F.linear(x, self.weight, self.bias)
+        return comm.gather_from_tensor_parallel_region(y) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """``Y = X Aᵀ`` with A split by input columns: partial products are summed across ranks.
+
+    With ``sequence_parallel`` the sum is a reduce-scatter that leaves the output split on the sequence.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, input_is_parallel: bool = True,
+                 sequence_parallel: bool = False, init: Fill = normal_fill(0.02), device=None, dtype=None):
+        super().__init__()
+        world = groups.get_tensor_model_parallel_world_size()
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("sequence_parallel needs input_is_parallel=True")
+        self.in_features, self.out_features = in_features, out_features
+        self.input_is_parallel, self.sequence_parallel, self.init = input_is_parallel, sequence_parallel, init
+        kw = dict(device=device, dtype=dtype)
+        self.weight = mark(nn.Parameter(torch.empty(out_features, _divide(in_features, world, "in_features"), **kw)), 1)
+        self.bias = mark(nn.Parameter(torch.empty(out_features, **kw)), None) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self, gen: torch.Generator | None = None) -> None:
+        init_sharded_(self.weight, self.init, gen)
+        if self.bias is not None:
+            init_sharded_(self.bias, zeros_fill)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = comm.scatter_to_tensor_parallel_region(x)
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = comm.reduce_scatter_to_sequence_parallel_region(y)
+        else:
+            y = comm.reduce_from_tensor_parallel_region(y)
+        if self.bias is None:
+            return y
+        bias = comm.copy_to_tensor_parallel_region(self.bias) if self.sequence_parallel else self.bias
+        return y + bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (the vocabulary, padded to ``padded_vocab``) are split across TP ranks.
+
+    Padding rows start at zero and, because the loss masks padded logits, never receive gradient.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padded_vocab: int | None = None,
+                 sequence_parallel: bool = False, std: float = 0.02, device=None, dtype=None):
+        super().__init__()
+        world = groups.get_tensor_model_parallel_world_size()
+        self.num_embeddings = num_embeddings
+        self.padded_vocab = padded_vocab or num_embeddings
+        if self.padded_vocab < num_embeddings:
+            raise ValueError(f"padded_vocab={self.padded_vocab} < num_embeddings={num_embeddings}")
+        self.per_rank = _divide(self.padded_vocab, world, "padded vocab")
+        self.start = groups.get_tensor_model_parallel_rank() * self.per_rank
+        self.sequence_parallel = sequence_parallel
+        self.init = vocab_fill(num_embeddings, std)
+        self.weight = mark(nn.Parameter(torch.empty(self.per_rank, embedding_dim, device=device, dtype=dtype)), 0)
+        self.reset_parameters()
+
+    def reset_parameters(self, gen: torch.Generator | None = None) -> None:
+        init_sharded_(self.weight, self.init, gen)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.per_rank == self.padded_vocab:
+            out = F.embedding(ids, self.weight)
+        else:
+            outside = (ids < self.start) | (ids >= self.start + self.per_rank)
+            local = (ids - self.start).masked_fill(outside, 0)
+            out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return comm.reduce_scatter_to_sequence_parallel_region(out)
+        return comm.reduce_from_tensor_parallel_region(out)
