@@ -1,0 +1,258 @@
+"""A Llama-style decoder, read top to bottom, built from tensor-parallel layers.
+
+With TP=1 every parallel layer is an ordinary linear/embedding and this is a plain Llama. With TP>1
+heads and FFN columns are split across ranks (Megatron's scheme: column-parallel in, row-parallel
+out, one all-reduce per sublayer), and with sequence parallel the norms and residuals run on a
+slice of the sequence. The model returns vocab-parallel logits or, given targets, the mean loss.
+
+Parameter names are the canonical ones used by initialisation and checkpoints: ``tok_embeddings``,
+``layers.N.{attention,feed_forward}.*``, ``norm``, ``output``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megadeep import ops
+from megadeep.config.schema import ModelConfig
+from megadeep.parallel import comm, groups
+from megadeep.parallel.cross_entropy import mean_loss, vocab_parallel_cross_entropy
+from megadeep.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    normal_fill,
+    vocab_fill,
+)
+from megadeep.parallel.random import checkpoint, get_rng_tracker
+from megadeep.parallel.sharding import mark
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, sequence_parallel: bool = False, fused: bool = False):
+        super().__init__()
+        self.eps, self.sequence_parallel, self.fused = eps, sequence_parallel, fused
+        self.weight = mark(nn.Parameter(torch.ones(dim)), None)
+
+    def reset_parameters(self, gen: torch.Generator | None = None) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.sequence_parallel:
+            # Each rank sees a slice of the sequence, so its weight grad is partial: sum it over TP.
+            w = comm.copy_to_tensor_parallel_region(w)
+        return ops.rms_norm(x, w, self.eps, self.fused)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for the rotate-half RoPE layout (the one Hugging Face Llama uses), in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, std: float, out_std: float, v_std: float):
+        super().__init__()
+        tp = groups.get_tensor_model_parallel_world_size()
+        self.head_dim, self.theta, self.dropout = cfg.head_dim, cfg.rope_theta, cfg.attention_dropout
+        self.n_heads, self.n_kv_heads = cfg.n_heads // tp, cfg.kv_heads // tp
+        hd, sp = cfg.head_dim, sequence_parallel
+        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, sequence_parallel=sp, init=normal_fill(std))
+        self.wk = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, sequence_parallel=sp, init=normal_fill(std))
+        self.wv = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, sequence_parallel=sp, init=normal_fill(v_std))
+        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, sequence_parallel=sp, init=normal_fill(out_std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        b, s, _ = q.shape  # s is the full sequence even under sequence parallel (the wq input is gathered)
+        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = (t.to(q.dtype) for t in rope_tables(s, self.head_dim, self.theta, q.device))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        p = self.dropout if self.training else 0.0
+        with get_rng_tracker().fork() if p else contextlib.nullcontext():  # heads differ per TP rank
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=p, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            )
+        return self.wo(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: gate and up are one column-parallel matmul, stored ``[gate; up]`` with stride 2 so each
+    TP shard holds matching gate and up rows and the activation needs no communication."""
+
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, fused: bool, std: float, out_std: float):
+        super().__init__()
+        ffn, sp = cfg.hidden_ffn, sequence_parallel
+        self.fused = fused
+        self.w13 = ColumnParallelLinear(cfg.dim, 2 * ffn, stride=2, sequence_parallel=sp, init=normal_fill(std))
+        self.w2 = RowParallelLinear(ffn, cfg.dim, sequence_parallel=sp, init=normal_fill(out_std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(ops.swiglu(self.w13(x), self.fused))
+
+
+def xavier_std(fan_in: int, fan_out: int, gain: float) -> float:
+    return gain * math.sqrt(2.0 / (fan_in + fan_out))
+
+
+class Block(nn.Module):
+    """One decoder layer. Pre-norm by default; with ``deepnorm``, DeepNet's post-norm
+    ``x ← norm(α·x + f(x))`` with α = (2L)^¼ and the β = (8L)^-¼ init of value/output/FFN weights."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, sequence_parallel: bool = False, fused: bool = False):
+        super().__init__()
+        self.layer_id = layer_id
+        self.deepnorm, self.dropout, self.sequence_parallel = cfg.deepnorm, cfg.dropout, sequence_parallel
+        self.checkpointing = cfg.activation_checkpointing
+        n_layers, d, ffn = cfg.n_layers, cfg.dim, cfg.hidden_ffn
+        if cfg.deepnorm:
+            self.alpha = (2 * n_layers) ** 0.25
+            beta = (8 * n_layers) ** -0.25
+            qk_std = xavier_std(d, cfg.n_heads * cfg.head_dim, 1.0)
+            v_std = xavier_std(d, cfg.kv_heads * cfg.head_dim, beta)
+            o_std = xavier_std(cfg.n_heads * cfg.head_dim, d, beta)
+            up_std, down_std = xavier_std(d, ffn, beta), xavier_std(ffn, d, beta)
+        else:
+            self.alpha = 1.0
+            qk_std = v_std = up_std = cfg.init_std
+            o_std = down_std = cfg.init_std / math.sqrt(2 * n_layers) if cfg.residual_scaling else cfg.init_std
+        sp = sequence_parallel
+        self.attention_norm = RMSNorm(d, cfg.norm_eps, sp, fused)
+        self.attention = Attention(cfg, sp, qk_std, o_std, v_std)
+        self.ffn_norm = RMSNorm(d, cfg.norm_eps, sp, fused)
+        self.feed_forward = FeedForward(cfg, sp, fused, up_std, down_std)
+
+    def drop(self, y: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.dropout):
+            return y
+        # Sequence-parallel shards hold different tokens, so they need different masks.
+        with get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext():
+            return F.dropout(y, self.dropout)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deepnorm:
+            h = self.attention_norm(self.alpha * x + self.drop(self.attention(x)))
+            return self.ffn_norm(self.alpha * h + self.drop(self.feed_forward(h)))
+        h = x + self.drop(self.attention(self.attention_norm(x)))
+        return h + self.drop(self.feed_forward(self.ffn_norm(h)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training:
+            return checkpoint(self._forward, x)
+        return self._forward(x)
+
+
+class TokenEmbedding(nn.Module):
+    """Vocab-parallel embedding; also the LM head when embeddings are tied."""
+
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool = False):
+        super().__init__()
+        tp = groups.get_tensor_model_parallel_world_size()
+        self.sequence_parallel = sequence_parallel
+        self.embedding = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.dim, cfg.padded_vocab(tp), sequence_parallel, std=cfg.init_std
+        )
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
+
+
+def head_input(h: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """Enter the column-parallel LM head: gather the sequence (SP) or mark the TP region."""
+    if sequence_parallel:
+        return comm.gather_from_sequence_parallel_region(h)
+    return comm.copy_to_tensor_parallel_region(h)
+
+
+def tied_logits(embedding: TokenEmbedding, h: torch.Tensor) -> torch.Tensor:
+    return F.linear(head_input(h, embedding.sequence_parallel), embedding.weight)
+
+
+class OutputHead(nn.Module):
+    """Untied LM head: a column-parallel projection to this rank's slice of the (padded) vocab."""
+
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool = False):
+        super().__init__()
+        tp = groups.get_tensor_model_parallel_world_size()
+        self.sequence_parallel = sequence_parallel
+        self.proj = ColumnParallelLinear(cfg.dim, cfg.padded_vocab(tp), init=vocab_fill(cfg.vocab_size, cfg.init_std))
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.proj.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(head_input(h, self.sequence_parallel), self.proj.weight)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> torch.Tensor:
+    per_token = vocab_parallel_cross_entropy(logits, targets, vocab_size, ignore_index)
+    return mean_loss(per_token, targets, ignore_index)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool = False):
+        super().__init__()
+        self.cfg, self.sequence_parallel = cfg, sequence_parallel
+        fused = ops.use_fused(cfg.fused_kernels)
+        self.tok_embeddings = TokenEmbedding(cfg, sequence_parallel)
+        self.layers = nn.ModuleList(Block(cfg, i, sequence_parallel, fused) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel, fused)
+        self.output = None if cfg.tie_embeddings else OutputHead(cfg, sequence_parallel)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h)
+        h = self.norm(h)
+        logits = tied_logits(self.tok_embeddings, h) if self.output is None else self.output(h)
+        if targets is None:
+            return logits  # [batch, seq, padded_vocab / TP]
+        return lm_loss(logits, targets, self.cfg.vocab_size)
+
+    def init_weights(self, seed: int) -> None:
+        init_weights(self, "", seed)
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """Parameters of the full (TP=1) model, unpadded vocabulary."""
+    d, hd = cfg.dim, cfg.head_dim
+    attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2
+    per_layer = attn + 3 * d * cfg.hidden_ffn + 2 * d
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    return cfg.vocab_size * d + cfg.n_layers * per_layer + d + head
+
+
+def param_generator(seed: int, name: str, device) -> torch.Generator:
+    """A generator seeded by (seed, canonical parameter name): init does not depend on which other
+    parameters this rank holds, so TP shards and pipeline stages match the single-process model."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def init_weights(module: nn.Module, prefix: str, seed: int) -> None:
+    """Re-initialise every layer under ``module``, whose canonical name is ``prefix``."""
+    for name, sub in module.named_modules():
+        own = list(sub.parameters(recurse=False))
+        if own and hasattr(sub, "reset_parameters"):
+            full = ".".join(p for p in (prefix, name) if p)
+            sub.reset_parameters(param_generator(seed, full, own[0].device))
