@@ -1,0 +1,3 @@
+from megadeep.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Starting ranks: discovering them from the environment, locally with torchrun, and on SLURM."""

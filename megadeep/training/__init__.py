@@ -1,0 +1,1 @@
+"""The training loop on DeepSpeed: engine set-up, optimizer and schedule, metrics."""

@@ -1,0 +1,169 @@
+"""The training loop: our model and data, DeepSpeed's engine for ZeRO, mixed precision, the optimizer
+and the LR schedule.
+
+Everything the loop needs comes from one resolved :class:`RunConfig`; ``train`` may be called more
+than once in a process (tests run several layouts in one launch).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megadeep.config.deepspeed import compose
+from megadeep.config.schema import RunConfig
+from megadeep.data import Loader, build_split
+from megadeep.launch.env import discover, init_distributed
+from megadeep.model import Transformer, num_params
+from megadeep.parallel import groups
+from megadeep.parallel.layout import Layout
+from megadeep.parallel.random import seed_everything
+from megadeep.training.metrics import MetricsLog
+from megadeep.training.optimizer import choose_adam, lr_scheduler, param_groups
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def tp_aware_grad_norm(params) -> float:
+    """Global L2 grad norm counting TP-replicated parameters once (what ZeRO 1-3 report themselves)."""
+    total = torch.zeros((), dtype=torch.float64)
+    first_tp_rank = groups.get_tensor_model_parallel_rank() == 0
+    for p in params:
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or first_tp_rank):
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    if groups.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=groups.get_tensor_model_parallel_group())
+    return math.sqrt(total.item())
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens_per_s: float
+    elapsed_s: float
+
+
+@dataclass
+class Summary:
+    history: list[StepResult] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        init_distributed(discover(), self.device.type, cfg.train.dist_timeout_s)
+        p = cfg.parallel
+        groups.initialize(Layout(tp=p.tp, dp=p.dp, pp=p.pp))
+        self.rank = dist.get_rank()
+        seed_everything(cfg.train.seed, self.device.type)
+
+        model = Transformer(cfg.model, p.sequence_parallel).to(self.device)
+        model.init_weights(cfg.train.seed)
+        ds_config = compose(cfg)
+        self.optimizer_name = choose_adam(ds_config, self.device.type)
+        o = cfg.optim
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, o.weight_decay), config=ds_config, mpu=groups,
+            lr_scheduler=lr_scheduler(cfg.train.steps, o.warmup_steps, o.lr, o.min_lr),
+        )
+        split = build_split(cfg)
+        dp_rank, dp = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
+        t = cfg.train
+        self.train_data = Loader(split.train, t.micro_batch_size, dp_rank, dp, t.seed)
+        self.val_data = split.val
+        self.step = 0
+        self.log = MetricsLog(cfg.log.metrics_file, t.steps, self.rank == 0, cfg.log.progress, cfg.log.log_every)
+        if self.rank == 0 and cfg.log.progress:
+            print(f"megadeep: {cfg.name} | layout TP={p.tp} DP={p.dp} PP={p.pp} | "
+                  f"{num_params(cfg.model) / 1e6:.2f}M params | optimizer {self.optimizer_name} | device {self.device}", flush=True)
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        value = value.detach().double().cpu()
+        if groups.get_data_parallel_world_size() > 1:
+            dist.all_reduce(value, group=groups.get_data_parallel_group())
+            value /= groups.get_data_parallel_world_size()
+        return value.item()
+
+    def train_step(self) -> StepResult:
+        t = self.cfg.train
+        start = time.perf_counter()
+        lr = self.engine.get_lr()[0]
+        losses = []
+        grad_norm = None
+        for micro in range(t.grad_accum_steps):
+            tokens, targets = (x.to(self.device) for x in next(self.train_data))
+            loss = self.engine(tokens, targets)
+            self.engine.backward(loss)
+            if micro == t.grad_accum_steps - 1 and not self.engine.zero_optimization():
+                grad_norm = tp_aware_grad_norm(self.engine.module.parameters())
+            self.engine.step()
+            losses.append(loss.detach())
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+        step_loss = self._dp_mean(torch.stack(losses).mean())
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        return StepResult(self.step, step_loss, float(lr), grad_norm,
+                          t.global_batch_size * t.seq_len / elapsed, elapsed)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_data is None:
+            return None
+        t = self.cfg.train
+        dp_rank, dp = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
+        loader = Loader(self.val_data, t.micro_batch_size, dp_rank, dp, t.seed, shuffle=False)
+        self.engine.eval()
+        # eval_iters global batches, whatever the layout, so validation loss is comparable across layouts
+        n = t.eval_iters * t.grad_accum_steps
+        losses = [self.engine(*(x.to(self.device) for x in next(loader))) for _ in range(n)]
+        self.engine.train()
+        return self._dp_mean(torch.stack(losses).mean())
+
+    def run(self) -> Summary:
+        t = self.cfg.train
+        summary = Summary()
+        try:
+            while self.step < t.steps:
+                r = self.train_step()
+                summary.history.append(r)
+                self.log.write(dict(vars(r)))
+                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
+                    val = self.evaluate()
+                    if val is not None:
+                        summary.val_losses.append((self.step, val))
+                        self.log.write({"step": self.step, "val_loss": val})
+        finally:
+            self.log.close()
+        return summary
+
+    def close(self) -> None:
+        self.engine.destroy()
+        groups.destroy()
+
+
+def train(cfg: RunConfig) -> Summary:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
