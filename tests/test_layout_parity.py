@@ -1,0 +1,56 @@
+"""Every (TP, DP) layout × ZeRO stage trains the single-process model: same per-step loss and grad norm.
+
+Each world size is one launch that trains all of its layouts in turn (launches dominate test time).
+"""
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import WORKERS, read_json, rel_err, run_torchrun, write_text
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    return write_text(tmp_path_factory.mktemp("data") / "text.txt")
+
+
+@pytest.fixture(scope="module")
+def reference(text, tmp_path_factory):
+    """The single-process run: one rank, no TP, no DP."""
+    out = tmp_path_factory.mktemp("ref") / "ref.json"
+    specs = ["zero=0", "zero=1", "zero=2", "zero=3", "zero=0,untied"]
+    proc = subprocess.run([sys.executable, str(WORKERS / "parity.py"), str(out), str(text), *specs],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return read_json(out)
+
+
+def assert_matches(results, reference):
+    for spec, r in results.items():
+        ref = reference["zero=0,untied" if "untied" in spec else "zero=0"]
+        assert len(r["loss"]) == len(ref["loss"]) == 10
+        assert rel_err(r["loss"], ref["loss"]) < TOL, (spec, r["loss"], ref["loss"])
+        assert rel_err(r["grad_norm"], ref["grad_norm"]) < TOL, (spec, r["grad_norm"], ref["grad_norm"])
+
+
+def test_single_process_zero_stages_agree(reference):
+    assert_matches({k: v for k, v in reference.items() if k != "zero=0"}, reference)
+    losses = reference["zero=0"]["loss"]
+    assert losses[-1] < losses[0] - 0.5  # it learns, so agreement is not agreement on noise
+
+
+@pytest.mark.parametrize("world,specs", [
+    (2, ["tp=2,zero=0", "tp=2,zero=1", "tp=2,zero=2", "tp=2,zero=3",
+         "zero=0", "zero=1", "zero=2", "zero=3", "tp=2,zero=1,sp,untied"]),
+    (4, ["tp=4,zero=0", "tp=4,zero=1", "tp=4,zero=2", "tp=4,zero=3",
+         "tp=2,zero=0", "tp=2,zero=1", "tp=2,zero=2", "tp=2,zero=3", "tp=4,zero=1,sp,untied", "tp=2,zero=2,sp"]),
+])
+def test_layouts_match_single_process(world, specs, text, reference, tmp_path):
+    out = tmp_path / "results.json"
+    run_torchrun("parity.py", world, str(out), str(text), *specs)
+    results = read_json(out)
+    assert sorted(results) == sorted(specs)
+    assert_matches(results, reference)
