@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megadeep.errors import ConfigError
+from megadeep.checkpoint.cli import add_ckpt
+from megadeep.errors import CheckpointError, ConfigError, RunAborted
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -38,7 +39,7 @@ def add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-COMMANDS = [add_train]
+COMMANDS = [add_train, add_ckpt]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,3 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"megadeep: error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, RunAborted) as e:
+        print(f"megadeep: error: {e}", file=sys.stderr)
+        return 1

@@ -3,3 +3,11 @@
 
 class ConfigError(ValueError):
     """A run configuration (or its DeepSpeed recipe) that cannot work, with how to fix it."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, naming the file and what is wrong with it."""
+
+
+class RunAborted(RuntimeError):
+    """Training stopped on purpose (e.g. too many non-finite steps in a row), saying where to resume."""

@@ -74,6 +74,8 @@ class TrainConfig:
     eval_every: int = 0  # steps between validation passes; 0: only at the end
     eval_iters: int = 4  # global batches in one validation pass
     dist_timeout_s: float = 600.0  # a collective that waits longer than this fails the run
+    max_consecutive_skips: int = 8  # non-finite steps in a row (each skipped) that stop the run
+    loss_spike_factor: float = 3.0  # log a loss above this × its running mean; 0: off
 
 
 @dataclass
@@ -115,12 +117,12 @@ class LogConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = ""
+    dir: str = ""  # where step_XXXXXXXX checkpoints go; empty: no saving
     save_every: int = 0  # steps; 0: only at the end and on SIGUSR1
-    save_minutes: float = 0.0
+    save_minutes: float = 0.0  # also save when this much wall time passed since the last save; 0: off
     keep_last: int = 3
-    keep_every: int = 0
-    resume: str = "auto"  # auto | none | a checkpoint directory
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
+    resume: str = "auto"  # auto (newest usable in dir) | none | a checkpoint directory (any layout)
 
 
 @dataclass

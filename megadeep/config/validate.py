@@ -5,6 +5,7 @@ Each failure is one :class:`ConfigError` line naming the keys involved and a way
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 from megadeep.config.deepspeed import PRECISIONS, load_recipe, offload_devices, zero_stage
 from megadeep.config.schema import RunConfig
@@ -103,6 +104,20 @@ def _check_training(cfg: RunConfig) -> None:
     _require(o.grad_clip >= 0, f"optim.grad_clip must be ≥ 0 (0 disables clipping), got {o.grad_clip}")
 
 
+def _check_checkpoint(cfg: RunConfig) -> None:
+    c, t = cfg.checkpoint, cfg.train
+    _require(c.save_every >= 0 and c.save_minutes >= 0 and c.keep_every >= 0,
+             "checkpoint.save_every, checkpoint.save_minutes and checkpoint.keep_every must be ≥ 0")
+    _require(c.keep_last >= 1, f"checkpoint.keep_last must be ≥ 1, got {c.keep_last}")
+    if c.resume not in ("auto", "none"):
+        _require(Path(c.resume, "manifest.json").is_file(),
+                 f"checkpoint.resume='{c.resume}' is not a checkpoint directory (no manifest.json); "
+                 "give a step_XXXXXXXX directory, auto or none")
+    _require(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be ≥ 1, got {t.max_consecutive_skips}")
+    _require(t.loss_spike_factor == 0 or t.loss_spike_factor > 1,
+             f"train.loss_spike_factor must be 0 (off) or > 1, got {t.loss_spike_factor}")
+
+
 def _check_deepspeed(cfg: RunConfig) -> None:
     recipe = load_recipe(cfg.deepspeed.config)
     stage = zero_stage(recipe)
@@ -125,6 +140,7 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
     _check_model(cfg)
     _check_training(cfg)
     _check_deepspeed(cfg)
+    _check_checkpoint(cfg)
     out = copy.deepcopy(cfg)
     out.parallel.dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
     out.train.grad_accum_steps = _check_batch(cfg, out.parallel.dp)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megadeep.checkpoint.manager import CheckpointManager, TrainState
 from megadeep.config.deepspeed import compose
 from megadeep.config.schema import RunConfig
 from megadeep.data import Loader, build_split
@@ -22,6 +23,7 @@ from megadeep.model import Transformer, num_params
 from megadeep.parallel import groups
 from megadeep.parallel.layout import Layout
 from megadeep.parallel.random import seed_everything
+from megadeep.training.guard import FaultGuard, skip_unwrapped_update
 from megadeep.training.metrics import MetricsLog
 from megadeep.training.optimizer import choose_adam, lr_scheduler, param_groups
 
@@ -54,6 +56,8 @@ class StepResult:
     grad_norm: float | None
     tokens_per_s: float
     elapsed_s: float
+    skipped: bool = False  # non-finite loss or gradient: no update was applied
+    loss_spike: bool = False
 
 
 @dataclass
@@ -91,6 +95,12 @@ class Trainer:
         self.val_data = split.val
         self.step = 0
         self.log = MetricsLog(cfg.log.metrics_file, t.steps, self.rank == 0, cfg.log.progress, cfg.log.log_every)
+        self.guard = FaultGuard(t.max_consecutive_skips, t.loss_spike_factor, self.rank == 0)
+        self.checkpoints = CheckpointManager(cfg, self.engine, dict(model.named_parameters()), self.device.type)
+        resumed = self.checkpoints.resume()
+        if resumed is not None:
+            self.step, self.train_data.consumed, self.guard.skipped = (
+                resumed.step, resumed.consumed_samples, resumed.skipped_steps)
         if self.rank == 0 and cfg.log.progress:
             print(f"megadeep: {cfg.name} | layout TP={p.tp} DP={p.dp} PP={p.pp} | "
                   f"{num_params(cfg.model) / 1e6:.2f}M params | optimizer {self.optimizer_name} | device {self.device}", flush=True)
@@ -114,6 +124,7 @@ class Trainer:
             self.engine.backward(loss)
             if micro == t.grad_accum_steps - 1 and not self.engine.zero_optimization():
                 grad_norm = tp_aware_grad_norm(self.engine.module.parameters())
+                skip_unwrapped_update(self.engine, grad_norm)
             self.engine.step()
             losses.append(loss.detach())
         if grad_norm is None:
@@ -123,7 +134,7 @@ class Trainer:
         self.step += 1
         elapsed = time.perf_counter() - start
         return StepResult(self.step, step_loss, float(lr), grad_norm,
-                          t.global_batch_size * t.seq_len / elapsed, elapsed)
+                          t.global_batch_size * t.seq_len / elapsed, elapsed, not self.engine.was_step_applied())
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -145,18 +156,23 @@ class Trainer:
         try:
             while self.step < t.steps:
                 r = self.train_step()
+                self.guard.observe(r)
                 summary.history.append(r)
                 self.log.write(dict(vars(r)))
+                self.guard.check(self.checkpoints.last_good)
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     val = self.evaluate()
                     if val is not None:
                         summary.val_losses.append((self.step, val))
                         self.log.write({"step": self.step, "val_loss": val})
+                self.checkpoints.after_step(TrainState(self.step, self.train_data.consumed, self.guard.skipped),
+                                            final=self.step == t.steps)
         finally:
             self.log.close()
         return summary
 
     def close(self) -> None:
+        self.checkpoints.close()
         self.engine.destroy()
         groups.destroy()
 

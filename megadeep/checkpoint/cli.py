@@ -1,0 +1,68 @@
+"""``megadeep ckpt``: inspect, verify and convert checkpoints offline (no processes are started)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from megadeep.checkpoint.convert import open_verified, resolve_checkpoint
+
+    ckpt = open_verified(resolve_checkpoint(args.path))
+    m = ckpt.meta
+    summary = {"path": str(ckpt.path), "step": m["step"], "consumed_samples": m["consumed_samples"],
+               "layout": m["layout"], "zero_stage": m.get("zero_stage"), "precision": m.get("precision"),
+               "optimizer_state": m.get("optimizer") is not None, "files": len(ckpt.files), "verified": True}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_reshard(args: argparse.Namespace) -> int:
+    from megadeep.checkpoint.convert import reshard
+
+    print(f"megadeep: wrote {reshard(args.src, args.dst, args.tp, args.pp)}")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from megadeep.checkpoint.hf import export_hf
+
+    print(f"megadeep: wrote {export_hf(args.src, args.out, args.dtype, args.tokenizer)}")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from megadeep.checkpoint.hf import import_hf
+
+    print(f"megadeep: wrote {import_hf(args.folder, args.dst, args.tp)}")
+    return 0
+
+
+def add_ckpt(sub) -> None:
+    p = sub.add_parser("ckpt", help="inspect and convert checkpoints (reshard, Hugging Face export/import)")
+    cmds = p.add_subparsers(dest="ckpt_command", required=True)
+    src_help = "a step_XXXXXXXX checkpoint, or a checkpoint dir (its 'latest')"
+
+    c = cmds.add_parser("info", help="verify every file of a checkpoint and print what it holds")
+    c.add_argument("path", help=src_help)
+    c.set_defaults(func=cmd_info)
+
+    c = cmds.add_parser("reshard", help="rewrite a checkpoint's files for another tensor-parallel size")
+    c.add_argument("src", help=src_help)
+    c.add_argument("dst", help="checkpoint dir to write step_XXXXXXXX (and latest) into")
+    c.add_argument("--tp", type=int, required=True)
+    c.add_argument("--pp", type=int, default=1)
+    c.set_defaults(func=cmd_reshard)
+
+    c = cmds.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM folder")
+    c.add_argument("src", help=src_help)
+    c.add_argument("out", help="output folder (config.json, model.safetensors)")
+    c.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    c.add_argument("--tokenizer", default=None, help="SentencePiece model to include (default: the run's data.tokenizer)")
+    c.set_defaults(func=cmd_export_hf)
+
+    c = cmds.add_parser("import-hf", help="make a weights-only checkpoint from a Hugging Face Llama folder")
+    c.add_argument("folder", help="folder with config.json and model.safetensors")
+    c.add_argument("dst", help="checkpoint dir to write step_00000000 into")
+    c.add_argument("--tp", type=int, default=1, help="tensor-parallel size to cut the files for (any layout loads it)")
+    c.set_defaults(func=cmd_import_hf)
