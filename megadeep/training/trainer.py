@@ -165,8 +165,9 @@ class Trainer:
                     if val is not None:
                         summary.val_losses.append((self.step, val))
                         self.log.write({"step": self.step, "val_loss": val})
-                self.checkpoints.after_step(TrainState(self.step, self.train_data.consumed, self.guard.skipped),
-                                            final=self.step == t.steps)
+                if not r.skipped or self.step == t.steps:  # the last good checkpoint predates a bad streak
+                    self.checkpoints.after_step(TrainState(self.step, self.train_data.consumed, self.guard.skipped),
+                                                final=self.step == t.steps)
         finally:
             self.log.close()
         return summary
