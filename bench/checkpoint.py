@@ -1,0 +1,72 @@
+"""Checkpoint save and load time of megadeep's format next to DeepSpeed's native
+``save_checkpoint``/``load_checkpoint`` on the same engine, in the same run (one process, fp32, ZeRO-1).
+
+megadeep's save also hashes every byte (sha256) and fsyncs; its load verifies the hashes first. The
+ratios say what that safety costs; a training step is timed too, for scale.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from bench.common import median_time, save
+
+SHAPE = dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2048)  # ~134M parameters
+QUICK = dict(vocab_size=4096, dim=256, n_layers=4, n_heads=4, ffn_dim=768)
+
+
+def run(quick: bool = False) -> dict:
+    from megadeep.checkpoint.manager import TrainState
+    from megadeep.config import load_config, resolve
+    from megadeep.model import num_params
+    from megadeep.training.trainer import Trainer
+
+    s = QUICK if quick else SHAPE
+    work = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
+    try:
+        text = work / "text.txt"
+        text.write_bytes(bytes(range(256)) * 4096)
+        cfg = resolve(load_config(None, [
+            f"model.vocab_size={s['vocab_size']}", f"model.dim={s['dim']}", f"model.n_layers={s['n_layers']}",
+            f"model.n_heads={s['n_heads']}", f"model.ffn_dim={s['ffn_dim']}", "model.max_seq_len=128",
+            "train.seq_len=128", "train.micro_batch_size=2", "train.global_batch_size=2", "train.steps=100",
+            "deepspeed.config=zero1", "data.val_fraction=0", f"data.paths=[{text}]", "log.progress=false",
+            f"checkpoint.dir={work / 'megadeep'}", "checkpoint.keep_last=1",
+        ]), 1)
+        trainer = Trainer(cfg)
+        engine, manager = trainer.engine, trainer.checkpoints
+        step_s = median_time(trainer.train_step, repeats=2)
+        state = TrainState(trainer.step, trainer.train_data.consumed)
+        repeats = 3
+        ours_save = median_time(lambda: manager.save(state), repeats=repeats)
+        ds_dir = work / "deepspeed"
+        ds_save = median_time(lambda: engine.save_checkpoint(str(ds_dir), tag="t"), repeats=repeats)
+        cfg.checkpoint.resume = str(manager.last_good)
+        ours_load = median_time(manager.resume, repeats=repeats)
+        ds_load = median_time(lambda: engine.load_checkpoint(str(ds_dir), tag="t"), repeats=repeats)
+        size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+        result = {
+            "params": num_params(cfg.model), "train_step_s": step_s,
+            "megadeep_save_s": ours_save, "deepspeed_save_s": ds_save, "save_ratio": ours_save / ds_save,
+            "megadeep_load_s": ours_load, "deepspeed_load_s": ds_load, "load_ratio": ours_load / ds_load,
+            "megadeep_bytes": size(manager.last_good), "deepspeed_bytes": size(ds_dir / "t"),
+        }
+        trainer.close()
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    r = run(args.quick)
+    print(f"{r['params'] / 1e6:.0f}M params, train step {r['train_step_s']:.2f} s")
+    print(f"{'':10}{'megadeep':>12}{'DeepSpeed':>12}{'ratio':>8}")
+    for what in ("save", "load"):
+        print(f"{what:10}{r[f'megadeep_{what}_s']:>11.2f}s{r[f'deepspeed_{what}_s']:>11.2f}s{r[f'{what}_ratio']:>8.2f}")
+    print(f"{'bytes':10}{r['megadeep_bytes'] / 1e6:>11.0f}M{r['deepspeed_bytes'] / 1e6:>11.0f}M")
+    print(f"wrote {save('checkpoint', {'quick': args.quick, **r})}")
