@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from megadeep.errors import ConfigError
+from megadeep.monitoring.plot import add_plot
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -38,7 +39,7 @@ def add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-COMMANDS = [add_train]
+COMMANDS = [add_train, add_plot]
 
 
 def main(argv: list[str] | None = None) -> int:

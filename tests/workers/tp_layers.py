@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megadeep.config.schema import ModelConfig
-from megadeep.model.llama import RMSNorm, Transformer
+from megadeep.model.llama import Block, RMSNorm, Transformer
+from megadeep.monitoring.comm import min_tp_bytes_per_layer
 from megadeep.parallel import groups
 from megadeep.parallel.comm import SEQ_DIM
 from megadeep.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -189,6 +190,23 @@ dist.all_gather(gathered_in, inside)
 errors["rng default stream differs across TP"] = float(any(not torch.equal(t, outside) for t in gathered_out))
 errors["rng TP stream equal across TP"] = float(any(torch.equal(gathered_in[i], gathered_in[j])
                                                     for i in range(W) for j in range(i + 1, W)))
+
+# ---- TP communication of one decoder layer, forward + backward, as counted by the comm layer ----
+for sp in (False, True):
+    cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=4 if W == 4 else 2, ffn_dim=16 * W)
+    block = Block(cfg, 0, sequence_parallel=sp)
+    b, s, h = 2, 4 * W, cfg.dim
+    x = rand(b, s // W if sp else s, h).requires_grad_()
+    groups.take_tp_bytes()
+    block(x).sum().backward()
+    counted = groups.take_tp_bytes()
+    # Stated here on its own: 4 activation all-reduces (2 fwd, 2 bwd) of b·s·h fp32 values; with SP
+    # 4 all-gathers + 4 reduce-scatters of the same size, plus one all-reduce of each norm's h weights.
+    act = b * s * h * 4
+    expected = ({"all_gather": 4 * act, "reduce_scatter": 4 * act, "all_reduce": 2 * h * 4} if sp
+                else {"all_reduce": 4 * act})
+    assert expected == min_tp_bytes_per_layer(b, s, h, 4, sp)
+    errors[f"tp bytes per layer sp={sp} differ from the minimum"] = float(counted != expected)
 
 if R == 0:
     with open(sys.argv[1], "w") as f:
