@@ -1,5 +1,6 @@
 """Preprocessing: near/exact dedup, PII scrubbing, bad input accounting, shards, manifest checks, CLI."""
 import json
+import os
 import random
 
 import numpy as np
@@ -100,7 +101,8 @@ def test_near_duplicates_removed_distinct_kept(tmp_path, tokenizer):
 
 def test_exact_duplicates_always_removed(tmp_path, tokenizer):
     rng = random.Random(2)
-    texts = [doc(rng) for _ in range(30)]
+    texts = [doc(rng) + " Straße, café." for _ in range(30)]
+    # "STRASSE, CAFÉ" is "Straße, café" after Unicode case folding
     variants = [t.upper() for t in texts[:10]] + [t.replace("\n", "  \n ") for t in texts[10:20]] + texts[20:]
     inputs = [write_jsonl(tmp_path / "a.jsonl", texts + variants)]
     for near in ("true", "false"):
@@ -171,10 +173,12 @@ def test_bad_input_counted_with_reasons(tmp_path, tokenizer):
     assert s["dropped"] == expected, s["dropped"]
     assert s["documents_in"] == len(lines) + 5 == s["documents_kept"] + sum(s["dropped"].values())
     assert s["documents_kept"] == m["documents"] == 4
+    assert s["bytes_in"] == sum(os.path.getsize(p) for p in inputs)  # every byte read is accounted for
     # a document limit refuses the 10 MB inputs unread
     m = run(tmp_path, inputs, tokenizer, "max_doc_bytes=1000000", name="capped")
     assert m["stats"]["dropped"]["too_large"] == 2 and "long_line" not in m["stats"]["dropped"]
     assert m["stats"]["documents_in"] == len(lines) + 5
+    assert m["stats"]["bytes_in"] == s["bytes_in"]
 
 
 def test_workers_and_shards_do_not_change_the_output(tmp_path, tokenizer):

@@ -127,6 +127,10 @@ def token_split(d: DataConfig, seq_len: int, seed: int) -> TokenSplit:
     if not any(len(t) for t in trains):
         raise DataError(f"{manifests[0].path} holds fewer tokens than one sample of train.seq_len={seq_len}")
     train = trains[0] if len(trains) == 1 else Blend(trains, weights, seed)
-    usable = [(v, w) for v, w in zip(vals, weights) if len(v)]
-    val = usable[0][0] if len(usable) == 1 else Blend(*map(list, zip(*usable)), seed) if usable else None
+    held_out = [(v, w) for v, w in zip(vals, weights) if len(v)]
+    val = None
+    if len(held_out) == 1:
+        val = held_out[0][0]
+    elif held_out:
+        val = Blend([v for v, _ in held_out], [w for _, w in held_out], seed)
     return TokenSplit(train, val, manifests[0].tokenizer["vocab_size"])

@@ -1,6 +1,6 @@
 """Exact and near-duplicate detection.
 
-Exact: a 128-bit hash of the text after case folding and whitespace collapsing. Near: MinHash
+Exact: a 128-bit hash of the text after Unicode case folding and whitespace collapsing. Near: MinHash
 signatures of a document's word n-gram set (datasketch), looked up in an LSH index (datasketch) that
 is tuned to miss few pairs above the threshold; each candidate is then confirmed by its estimated
 Jaccard similarity, so documents that merely share an LSH band are kept. The first document of a
@@ -37,7 +37,7 @@ class DedupSettings:
 
 
 def exact_key(text: str) -> bytes:
-    return hashlib.blake2b(b" ".join(text.lower().encode().split()), digest_size=16).digest()
+    return hashlib.blake2b(b" ".join(text.casefold().encode().split()), digest_size=16).digest()
 
 
 def shingles(text: str, n: int) -> np.ndarray:

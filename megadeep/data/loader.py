@@ -26,12 +26,9 @@ def build_split(cfg: RunConfig) -> Split:
         s = token_split(d, cfg.train.seq_len, cfg.train.seed)
         if cfg.model.vocab_size != s.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the data's tokenizer has {s.vocab_size} "
-                              "pieces; resolve the config with megadeep.data.prepare_data first")
+                              "pieces; resolve the config with megadeep.data.prepare.prepare_data first")
         return Split(s.train, s.val)
-    paths = d.paths or (corpus_files(d.corpus) if d.corpus else [])
-    if not paths:
-        raise ConfigError("no training data: set data.paths or data.corpus (e.g. data.corpus=shakespeare)")
-    data = read_texts(paths)
+    data = read_texts(d.paths or corpus_files(d.corpus))  # validate.check_data ensured one of them is set
     n_val = int(len(data) * d.val_fraction)
     seq = cfg.train.seq_len
     val = ByteWindows(data[len(data) - n_val:], seq) if n_val > seq + 1 else None

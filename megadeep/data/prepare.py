@@ -25,16 +25,15 @@ from megadeep.config.load import settings_from_overrides
 from megadeep.config.schema import DataConfig, RunConfig
 from megadeep.data.corpora import corpus
 from megadeep.data.shards import FORMAT, MANIFEST, check_manifests
+from megadeep.data.tokenizer import TokenizerSettings, sha256_file
 from megadeep.errors import ConfigError, DataError
-
 
 # the modules whose code decides what a prepared corpus holds: a change to them rebuilds the cache
 _PIPELINE_CODE = ("reader", "cleaning", "dedup", "pii", "tokenizer", "preprocess", "shards")
 
 
 def _corpus_settings(d: DataConfig):
-    from megadeep.data.preprocess import PreprocessSettings
-    from megadeep.data.tokenizer import TokenizerSettings
+    from megadeep.data.preprocess import PreprocessSettings  # imports datasketch (and scipy): only when needed
 
     return (settings_from_overrides(PreprocessSettings, list(corpus(d.corpus).preprocess)),
             TokenizerSettings(vocab_size=d.tokenizer_vocab))
@@ -42,8 +41,6 @@ def _corpus_settings(d: DataConfig):
 
 def corpus_cache_dir(d: DataConfig) -> Path:
     """Where ``data.corpus`` is prepared: the key covers the files' content and every setting."""
-    from megadeep.data.tokenizer import sha256_file
-
     files = corpus(d.corpus).files()
     pre, tok = _corpus_settings(d)
     settings = asdict(pre)

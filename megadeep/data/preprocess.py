@@ -93,8 +93,7 @@ def process_batch(task: tuple[PreprocessSettings, str, list[Record]]) -> tuple[l
     tok = _tokenizer(tokenizer_path)
     clock: Counter = Counter()
     out = []
-    for kind, raw, reason in records:
-        nbytes = len(raw) if raw is not None else 0
+    for kind, raw, reason, nbytes in records:
         if reason is None:
             text, reason = clean_text(kind, raw, s, clock)
         if reason is not None:
@@ -119,7 +118,7 @@ def _batches(records: Iterable[Record], batch_bytes: int) -> Iterator[list[Recor
     batch, size = [], 0
     for r in records:
         batch.append(r)
-        size += len(r[1]) if r[1] is not None else 0
+        size += r[3] if r[1] is not None else 0
         if size >= batch_bytes or len(batch) >= 4096:
             yield batch
             batch, size = [], 0
@@ -243,7 +242,7 @@ def tokenizer_sample(inputs: list[str], s: PreprocessSettings, max_bytes: int) -
     s.check()
     clock: Counter = Counter()
     taken = 0
-    for kind, raw, reason in read_records(expand_inputs(inputs), s.format, s.max_doc_bytes):
+    for kind, raw, reason, _ in read_records(expand_inputs(inputs), s.format, s.max_doc_bytes):
         text, reason = clean_text(kind, raw, s, clock) if reason is None else (None, reason)
         if text is None:
             continue

@@ -18,9 +18,9 @@ from megadeep.errors import DataError
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")
 FORMATS = ("auto", "text", "jsonl")
 
-# A record: (kind, raw bytes, reason). kind is "text" or "json"; reason is set (and raw is None)
-# when the record was refused while reading.
-Record = tuple[str, "bytes | None", "str | None"]
+# A record: (kind, raw bytes, reason, size in bytes). kind is "text" or "json"; reason is set (and raw
+# is None) when the record was refused while reading.
+Record = tuple[str, "bytes | None", "str | None", int]
 
 
 def input_format(path: Path, fmt: str) -> str:
@@ -54,21 +54,23 @@ def _jsonl_lines(path: Path, max_bytes: int) -> Iterator[Record]:
             if not line:
                 return
             if len(line) > max_bytes and not line.endswith(b"\n"):
+                size = len(line)
                 while line and not line.endswith(b"\n"):  # skip the rest of the line, a block at a time
                     line = f.readline(1 << 20)
-                yield "json", None, "too_large"
+                    size += len(line)
+                yield "json", None, "too_large", size
             else:
-                yield "json", line, None
+                yield "json", line, None, len(line)
 
 
 def read_records(paths: list[Path], fmt: str, max_bytes: int) -> Iterator[Record]:
     for path in paths:
         if input_format(path, fmt) == "jsonl":
             yield from _jsonl_lines(path, max_bytes)
-        elif path.stat().st_size > max_bytes:
-            yield "text", None, "too_large"
+        elif (size := path.stat().st_size) > max_bytes:
+            yield "text", None, "too_large", size
         else:
-            yield "text", path.read_bytes(), None
+            yield "text", path.read_bytes(), None, size
 
 
 def decode_record(kind: str, raw: bytes, field: str) -> tuple[str | None, str | None]:
