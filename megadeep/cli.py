@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megadeep.data.cli import add_data
 from megadeep.errors import ConfigError
 from megadeep.monitoring.plot import add_plot
 
@@ -21,6 +22,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc must be ≥ 1, got {args.nproc}")
     cfg = resolve(cfg, args.nproc or launched or 1)
+    from megadeep.data.prepare import prepare_data
+
+    cfg = prepare_data(cfg, build=launched is None)  # the launcher prepares data; ranks only check it
     if args.nproc and args.nproc > 1:
         from megadeep.launch.local import run_local
 
@@ -39,7 +43,7 @@ def add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-COMMANDS = [add_train, add_plot]
+COMMANDS = [add_train, add_data, add_plot]
 
 
 def main(argv: list[str] | None = None) -> int:

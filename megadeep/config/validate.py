@@ -10,6 +10,8 @@ from megadeep.config.deepspeed import PRECISIONS, load_recipe, offload_devices, 
 from megadeep.config.schema import RunConfig
 from megadeep.errors import ConfigError
 
+BYTE_VOCAB = 256  # data.source=bytes: one token per byte value
+
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
@@ -18,7 +20,7 @@ def _require(ok: bool, message: str) -> None:
 
 def _check_model(cfg: RunConfig) -> None:
     m, tp = cfg.model, cfg.parallel.tp
-    for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "vocab_pad_unit"):
+    for key in ("dim", "n_layers", "n_heads", "max_seq_len", "vocab_pad_unit"):
         _require(getattr(m, key) >= 1, f"model.{key} must be at least 1, got {getattr(m, key)}")
     _require(m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
     _require(m.head_dim % 2 == 0, f"head dim model.dim/model.n_heads={m.head_dim} must be even for RoPE")
@@ -118,6 +120,26 @@ def _check_deepspeed(cfg: RunConfig) -> None:
                  f"'{cfg.deepspeed.config}' offloads to NVMe: set deepspeed.nvme_path to a fast local directory")
 
 
+def check_data(cfg: RunConfig) -> None:
+    """What needs no files; the data itself (and the tokenizer's vocab) is checked by megadeep.data.prepare."""
+    d, vocab = cfg.data, cfg.model.vocab_size
+    _require(d.source in ("bytes", "tokens"), f"data.source must be bytes or tokens, got '{d.source}'")
+    _require(bool(d.paths or d.corpus),
+             "no training data: set data.paths or data.corpus (e.g. data.corpus=shakespeare)")
+    _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if d.source == "bytes":
+        _require(vocab == 0 or vocab >= BYTE_VOCAB,
+                 f"model.vocab_size={vocab} is too small for data.source=bytes; set 0 (256 byte values) or ≥ 256")
+        _require(not d.weights, "data.weights blends token datasets; with data.source=bytes leave it empty")
+        return
+    _require(vocab >= 0, f"model.vocab_size must be ≥ 0 (0: from the tokenizer), got {vocab}")
+    _require(not d.weights or (len(d.weights) == len(d.paths) and min(d.weights) > 0),
+             f"data.weights needs one positive weight per data.paths entry ({len(d.paths)}), got {d.weights}")
+    _require(d.tokenizer_vocab >= 320,
+             f"data.tokenizer_vocab={d.tokenizer_vocab} is too small: the tokenizer needs 256 byte pieces, "
+             "specials and the alphabet; use ≥ 320")
+
+
 def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
     """Validate ``cfg`` for ``world_size`` processes and return a copy with DP and accumulation filled in."""
     _require(world_size >= 1, f"world size must be ≥ 1, got {world_size}")
@@ -125,7 +147,10 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
     _check_model(cfg)
     _check_training(cfg)
     _check_deepspeed(cfg)
+    check_data(cfg)
     out = copy.deepcopy(cfg)
+    if cfg.data.source == "bytes" and not cfg.model.vocab_size:
+        out.model.vocab_size = BYTE_VOCAB
     out.parallel.dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
     out.train.grad_accum_steps = _check_batch(cfg, out.parallel.dp)
     return out

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from megadeep.config.deepspeed import compose
 from megadeep.config.schema import RunConfig
-from megadeep.data import Loader, build_split
+from megadeep.data.loader import Loader, build_split
 from megadeep.launch.env import discover, init_distributed
 from megadeep.model import Transformer, num_params
 from megadeep.monitoring.comm import CommMeter
@@ -77,6 +77,7 @@ class Trainer:
         groups.initialize(Layout(tp=p.tp, dp=p.dp, pp=p.pp))
         self.rank = dist.get_rank()
         seed_everything(cfg.train.seed, self.device.type)
+        split = build_split(cfg)  # before the model: data that does not fit the config fails first
 
         model = Transformer(cfg.model, p.sequence_parallel).to(self.device)
         model.init_weights(cfg.train.seed)
@@ -87,7 +88,6 @@ class Trainer:
             model=model, model_parameters=param_groups(model, o.weight_decay), config=ds_config, mpu=groups,
             lr_scheduler=lr_scheduler(cfg.train.steps, o.warmup_steps, o.lr, o.min_lr),
         )
-        split = build_split(cfg)
         dp_rank, dp = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
         t = cfg.train
         self.train_data = Loader(split.train, t.micro_batch_size, dp_rank, dp, t.seed)
