@@ -6,9 +6,13 @@ import argparse
 import sys
 
 from megadeep.errors import ConfigError
+from megadeep.launch.cli import add_launch
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from megadeep.training import preemption
+
+    preemption.install()  # now: SIGUSR1's default action would kill a rank still loading torch
     from megadeep.config import load_config, resolve
     from megadeep.launch.env import world_size_from_env
 
@@ -24,10 +28,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from megadeep.launch.local import run_local
 
         return run_local(cfg, args.nproc)
+    from megadeep.launch.slurm import REQUEUE_EXIT
     from megadeep.training.trainer import train
 
-    train(cfg)
-    return 0
+    return REQUEUE_EXIT if train(cfg).preempted else 0
 
 
 def add_train(sub) -> None:
@@ -38,7 +42,7 @@ def add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-COMMANDS = [add_train]
+COMMANDS = [add_train, add_launch]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after the options (argparse only takes them before)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         return args.func(args) or 0
     except ConfigError as e:
