@@ -48,12 +48,14 @@ def test_mpirun_ranks_from_mpi4py(tmp_path):
     pytest.importorskip("mpi4py", reason="PyPI mpi4py + mpich give the MPI runtime")
     if not mpirun.exists():
         pytest.skip("no mpirun next to this python (PyPI mpich provides it)")
-    code = "from megadeep.launch.env import discover; pe = discover(); print(pe.rank, pe.world_size, pe.local_rank, pe.master_addr, pe.master_port, pe.launcher)"
+    code = ("import sys; from pathlib import Path; from megadeep.launch.env import discover; pe = discover(); "
+            "Path(sys.argv[1], str(pe.rank)).write_text(' '.join(map(str, (pe.rank, pe.world_size, pe.local_rank, "
+            "pe.master_addr, pe.master_port, pe.launcher))))")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE"))}
-    proc = subprocess.run([str(mpirun), "-n", "3", sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, env=env)
+    proc = subprocess.run([str(mpirun), "-n", "3", sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
-    rows = sorted(line.split() for line in proc.stdout.splitlines())
+    rows = [(tmp_path / str(r)).read_text().split() for r in range(3)]
     assert [r[:3] for r in rows] == [["0", "3", "0"], ["1", "3", "1"], ["2", "3", "2"]]
     assert len({(r[3], r[4]) for r in rows}) == 1 and {r[5] for r in rows} == {"mpi"}  # one rendezvous point
 
@@ -125,7 +127,7 @@ def test_cpu_tp1_and_container_scripts(tmp_path):
             f"--container-workdir={tmp_path}") in text
     assert f"    python -m megadeep train {tmp_path}/out/config.json" in text
     text = script_for(tmp_path, "--nodes", "1", "--gpus-per-node", "4", "--apptainer", "/images/megadeep.sif")
-    assert f"    apptainer exec --nv --bind {tmp_path} /images/megadeep.sif python -m megadeep train" in text
+    assert f"    apptainer exec --nv --bind {tmp_path}:{tmp_path} /images/megadeep.sif python -m megadeep train" in text
 
 
 def test_usr1_handler_keeps_the_request_until_cleared():

@@ -8,6 +8,7 @@ detection (the generated ``--launcher mpi`` batch scripts set it to take ranks f
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -79,24 +80,33 @@ def detect_launcher(env) -> str:
     return "slurm" if in_step else "single"
 
 
+@functools.cache
+def _mpi_world() -> tuple[int, int, int, str, int]:
+    """Rank, size, local rank, rank 0's host and a free port there, from MPI_COMM_WORLD. MPI is then
+    finalized: the ranks talk through torch.distributed, and an MPI left open until exit was seen to
+    hang there under ``srun --mpi=pmi2``. Cached, since MPI cannot be asked twice."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    host, port = comm.bcast((socket.gethostname(), _free_port()) if rank == 0 else None)
+    MPI.Finalize()
+    return rank, size, local_rank, host, port
+
+
 def _from_mpi(env) -> ProcessEnv:
-    """Rank and size from MPI_COMM_WORLD; rank 0 tells the others where to rendezvous."""
     try:
-        from mpi4py import MPI
+        rank, size, local_rank, host, port = _mpi_world()
     except ImportError as e:
         raise ConfigError(f"this process was started by an MPI launcher, but mpi4py does not import ({e}); "
                           "pip install mpi4py mpich, or start ranks with torchrun or plain srun") from None
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
     tasks = int(env.get("SLURM_NTASKS", 1)) if "SLURM_STEP_ID" in env else 1
     if size == 1 and tasks > 1:  # each task initialised MPI on its own
         raise ConfigError(f"mpi4py sees 1 rank but srun started {tasks} tasks: the MPI library under mpi4py "
                           "does not speak srun's PMI; use srun --mpi=pmi2 with PyPI mpich")
-    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-    addr = env.get("MASTER_ADDR") or comm.bcast(socket.gethostname() if rank == 0 else None)
-    port = env.get("MASTER_PORT") or (slurm_master_port(int(env["SLURM_JOB_ID"])) if "SLURM_JOB_ID" in env
-                                      else comm.bcast(_free_port() if rank == 0 else None))
-    return ProcessEnv(rank, size, local_rank, addr, int(port), "mpi")
+    port = env.get("MASTER_PORT") or (slurm_master_port(int(env["SLURM_JOB_ID"])) if "SLURM_JOB_ID" in env else port)
+    return ProcessEnv(rank, size, local_rank, env.get("MASTER_ADDR") or host, int(port), "mpi")
 
 
 def discover(env=None) -> ProcessEnv:
