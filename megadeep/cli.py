@@ -7,6 +7,7 @@ import sys
 
 from megadeep.errors import ConfigError
 from megadeep.launch.cli import add_launch
+from megadeep.monitoring.plot import add_plot
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -42,7 +43,7 @@ def add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-COMMANDS = [add_train, add_launch]
+COMMANDS = [add_train, add_plot, add_launch]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,6 +111,7 @@ class LogConfig:
     tensorboard_dir: str = ""
     log_every: int = 1
     progress: bool = True
+    comm_stats: bool = False  # bytes per step by axis (TP/DP/PP); adds DeepSpeed's comms logger
 
 
 @dataclass

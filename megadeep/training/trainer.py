@@ -23,11 +23,13 @@ from megadeep.errors import ConfigError
 from megadeep.launch.env import discover, init_distributed
 from megadeep.launch.placement import report_actual
 from megadeep.model import Transformer, num_params
+from megadeep.monitoring.comm import CommMeter
+from megadeep.monitoring.flops import peak_flops
+from megadeep.monitoring.metrics_log import MetricsLog, memory_mb
 from megadeep.parallel import groups
 from megadeep.parallel.layout import Layout
 from megadeep.parallel.random import seed_everything
 from megadeep.training import preemption
-from megadeep.training.metrics import MetricsLog
 from megadeep.training.optimizer import choose_adam, lr_scheduler, param_groups
 
 
@@ -64,6 +66,7 @@ class StepResult:
 @dataclass
 class Summary:
     history: list[StepResult] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)  # what was logged per step (rank 0's view)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     preempted: bool = False  # stopped early on SIGUSR1 after saving a checkpoint: requeue to continue
 
@@ -101,11 +104,23 @@ class Trainer:
         self.train_data = Loader(split.train, t.micro_batch_size, dp_rank, dp, t.seed)
         self.val_data = split.val
         self.step = 0
-        self.log = MetricsLog(cfg.log.metrics_file, t.steps, self.rank == 0, cfg.log.progress, cfg.log.log_every)
+        dist.barrier()  # ranks measure a CPU peak at the same moment, so each gets its share of the cores
+        self.log = MetricsLog(cfg, dist.get_world_size(), peak_flops(self.device, t.precision), self.rank == 0)
+        self.comm = CommMeter() if cfg.log.comm_stats else None
         if self.rank == 0 and cfg.log.progress:
             print(f"megadeep: {cfg.name} | layout TP={p.tp} DP={p.dp} PP={p.pp} | "
                   f"{num_params(cfg.model) / 1e6:.2f}M params | optimizer {self.optimizer_name} | device {self.device}", flush=True)
         self.maybe_resume()
+
+    def _extras(self) -> dict:
+        """What the step record carries beyond the loop's own numbers."""
+        extras = {"skipped_steps": self.engine.skipped_steps, "memory": memory_mb(self.device)}
+        if self.engine.fp16_enabled():
+            opt = self.engine.optimizer
+            extras["loss_scale"] = float(getattr(opt, "cur_scale", None) or opt.loss_scale)
+        if self.comm is not None:
+            extras["comm_bytes"] = self.comm.step()
+        return extras
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         value = value.detach().double().cpu()
@@ -158,12 +173,12 @@ class Trainer:
             while self.step < t.steps:
                 r = self.train_step()
                 summary.history.append(r)
-                self.log.write(dict(vars(r)))
+                summary.records.append(self.log.step({**vars(r), **self._extras()}))
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     val = self.evaluate()
                     if val is not None:
                         summary.val_losses.append((self.step, val))
-                        self.log.write({"step": self.step, "val_loss": val})
+                        self.log.evaluation(self.step, val)
                 if self.step < t.steps and self._stop_requested():
                     self.save_checkpoint()
                     summary.preempted = True
