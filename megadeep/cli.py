@@ -7,10 +7,14 @@ import sys
 
 from megadeep.data.cli import add_data
 from megadeep.errors import ConfigError
+from megadeep.launch.cli import add_launch
 from megadeep.monitoring.plot import add_plot
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from megadeep.training import preemption
+
+    preemption.install()  # now: SIGUSR1's default action would kill a rank still loading torch
     from megadeep.config import load_config, resolve
     from megadeep.launch.env import world_size_from_env
 
@@ -29,10 +33,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from megadeep.launch.local import run_local
 
         return run_local(cfg, args.nproc)
+    from megadeep.launch.slurm import REQUEUE_EXIT
     from megadeep.training.trainer import train
 
-    train(cfg)
-    return 0
+    return REQUEUE_EXIT if train(cfg).preempted else 0
 
 
 def add_train(sub) -> None:
@@ -43,7 +47,7 @@ def add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-COMMANDS = [add_train, add_data, add_plot]
+COMMANDS = [add_train, add_data, add_launch, add_plot]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after the options (argparse only takes them before)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         return args.func(args) or 0
     except ConfigError as e:

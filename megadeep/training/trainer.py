@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,7 +19,9 @@ import torch.distributed as dist
 from megadeep.config.deepspeed import compose
 from megadeep.config.schema import RunConfig
 from megadeep.data.loader import Loader, build_split
+from megadeep.errors import ConfigError
 from megadeep.launch.env import discover, init_distributed
+from megadeep.launch.placement import report_actual
 from megadeep.model import Transformer, num_params
 from megadeep.monitoring.comm import CommMeter
 from megadeep.monitoring.flops import peak_flops
@@ -25,6 +29,7 @@ from megadeep.monitoring.metrics_log import MetricsLog, memory_mb
 from megadeep.parallel import groups
 from megadeep.parallel.layout import Layout
 from megadeep.parallel.random import seed_everything
+from megadeep.training import preemption
 from megadeep.training.optimizer import choose_adam, lr_scheduler, param_groups
 
 
@@ -63,6 +68,7 @@ class Summary:
     history: list[StepResult] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)  # what was logged per step (rank 0's view)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    preempted: bool = False  # stopped early on SIGUSR1 after saving a checkpoint: requeue to continue
 
 
 class Trainer:
@@ -71,11 +77,16 @@ class Trainer:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.cfg = cfg
+        self.stop = preemption.install()
         self.device = resolve_device(cfg.train.device)
-        init_distributed(discover(), self.device.type, cfg.train.dist_timeout_s)
+        pe = discover()
+        init_distributed(pe, self.device.type, cfg.train.dist_timeout_s)
         p = cfg.parallel
         groups.initialize(Layout(tp=p.tp, dp=p.dp, pp=p.pp))
         self.rank = dist.get_rank()
+        rank_map = report_actual(pe.launcher)
+        if rank_map and cfg.log.progress:
+            print(rank_map, flush=True)
         seed_everything(cfg.train.seed, self.device.type)
         split = build_split(cfg)  # before the model: data that does not fit the config fails first
 
@@ -99,6 +110,7 @@ class Trainer:
         if self.rank == 0 and cfg.log.progress:
             print(f"megadeep: {cfg.name} | layout TP={p.tp} DP={p.dp} PP={p.pp} | "
                   f"{num_params(cfg.model) / 1e6:.2f}M params | optimizer {self.optimizer_name} | device {self.device}", flush=True)
+        self.maybe_resume()
 
     def _extras(self) -> dict:
         """What the step record carries beyond the loop's own numbers."""
@@ -167,9 +179,50 @@ class Trainer:
                     if val is not None:
                         summary.val_losses.append((self.step, val))
                         self.log.evaluation(self.step, val)
+                if self.step < t.steps and self._stop_requested():
+                    self.save_checkpoint()
+                    summary.preempted = True
+                    break
         finally:
             self.log.close()
         return summary
+
+    def _stop_requested(self) -> bool:
+        if not preemption.any_rank_requested(self.stop, self.device):
+            return False
+        self.stop.clear()
+        if not self.cfg.checkpoint.dir:
+            if self.rank == 0:
+                print("megadeep: SIGUSR1 received but checkpoint.dir is not set; training on", flush=True)
+            return False
+        if self.rank == 0:
+            print(f"megadeep: SIGUSR1 received; saving a checkpoint after step {self.step} and stopping", flush=True)
+        return True
+
+    # -- checkpoint seam ----------------------------------------------------------------------------
+    # A minimal stand-in on DeepSpeed's own checkpoints until the checkpoint layer replaces both methods:
+    # the trainer only ever calls save_checkpoint() and maybe_resume().
+    def save_checkpoint(self) -> None:
+        client_state = {"step": self.step, "consumed_samples": self.train_data.consumed}
+        self.engine.save_checkpoint(self.cfg.checkpoint.dir, tag=f"step{self.step}", client_state=client_state)
+        dist.barrier()  # every rank's shard is on disk before any rank exits
+
+    def maybe_resume(self) -> bool:
+        """Continue from a checkpoint: ``checkpoint.resume`` names one, or is ``auto`` (or this is a
+        SLURM restart) and ``checkpoint.dir`` holds one."""
+        c = self.cfg.checkpoint
+        restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+        explicit = c.resume not in ("auto", "none")
+        directory = c.resume if explicit else c.dir if (c.resume == "auto" or restarted) else ""
+        if not directory or not (Path(directory) / "latest").is_file():
+            if explicit:
+                raise ConfigError(f"checkpoint.resume={c.resume} holds no checkpoint (no 'latest' file)")
+            return False
+        path, state = self.engine.load_checkpoint(directory)
+        self.step, self.train_data.consumed = state["step"], state["consumed_samples"]
+        if self.rank == 0 and self.cfg.log.progress:
+            print(f"megadeep: resumed from {path} at step {self.step}", flush=True)
+        return True
 
     def close(self) -> None:
         self.engine.destroy()
