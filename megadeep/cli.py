@@ -6,24 +6,17 @@ import argparse
 import sys
 
 from megadeep.errors import ConfigError
+from megadeep.launch.args import add_launch_args, load_for_launch
+from megadeep.planner.cli import add_plan
+from megadeep.training.memory_cli import add_memory
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from megadeep.config import load_config, resolve
-    from megadeep.launch.env import world_size_from_env
-
-    cfg = load_config(args.config, args.overrides)
-    launched = world_size_from_env()
-    if args.nproc is not None and launched is not None:
-        raise ConfigError(f"--nproc starts processes itself, but this one was already started as one of "
-                          f"{launched} ranks; drop --nproc under torchrun/srun")
-    if args.nproc is not None and args.nproc < 1:
-        raise ConfigError(f"--nproc must be ≥ 1, got {args.nproc}")
-    cfg = resolve(cfg, args.nproc or launched or 1)
-    if args.nproc and args.nproc > 1:
+    cfg, spawn = load_for_launch(args)
+    if spawn:
         from megadeep.launch.local import run_local
 
-        return run_local(cfg, args.nproc)
+        return run_local(cfg, spawn)
     from megadeep.training.trainer import train
 
     train(cfg)
@@ -32,13 +25,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a YAML run config")
-    p.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2 train.steps=50")
-    p.add_argument("--nproc", type=int, default=None, help="start this many local processes (torchrun)")
+    add_launch_args(p)
     p.set_defaults(func=cmd_train)
 
 
-COMMANDS = [add_train]
+COMMANDS = [add_train, add_memory, add_plan]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,5 @@
+"""``megadeep plan`` (filled in below)."""
+
+
+def add_plan(sub) -> None:
+    pass
