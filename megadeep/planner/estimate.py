@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from megadeep.config.deepspeed import load_recipe, offload_devices, zero_stage
 from megadeep.config.schema import ModelConfig
+from megadeep.parallel.layout import Layout
 from megadeep.planner.hardware import Cluster, GiB, all_gather_time, all_reduce_time
 from megadeep.planner.memory import (
     DTYPE_BYTES,
@@ -166,7 +167,7 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster) -> Estimate:
 
     # --- time
     model_flops, hw_flops = step_flops(m, tokens, w.seq, c.recompute)
-    layer_mm, head_mm = matmul_params(m)
+    head_mm = matmul_params(m)[1]
     per_layer_hw = (hw_flops - 6 * head_mm * tokens) / m.n_layers
     slowest_stage = max(per_layer_hw * (base + (i < extra)) + (6 * head_mm * tokens if i == c.pp - 1 else 0)
                         for i in range(c.pp))
@@ -176,16 +177,19 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster) -> Estimate:
 
     layers = base + (extra > 0)
     act = w.seq * c.micro_batch * m.dim * act_bytes
-    tp_bw = cluster.group_bandwidth(c.tp, 1)
+    layout = Layout(tp=c.tp, dp=c.dp, pp=c.pp)  # megadeep's rank order decides which groups cross nodes
+    tp_bw = cluster.group_bandwidth(layout.tp_groups()[0])
     collectives = 6 if c.recompute == "full" else 4  # 2 per sublayer pass: forward, backward (+ recompute)
     tp_time = layers * micro_batches * collectives * all_reduce_time(act, c.tp, tp_bw)
 
     pp_time = 0.0
     if c.pp > 1:
         send = act / (c.tp if c.scatter_gather else 1)
-        pp_time = 2 * micro_batches * c.virtual_stages * send / cluster.p2p_bandwidth(c.tp * c.dp)
+        stages = layout.pp_groups()[0]
+        slowest_link = min(cluster.p2p_bandwidth(a, b) for a, b in zip(stages, stages[1:]))
+        pp_time = 2 * micro_batches * c.virtual_stages * send / slowest_link
 
-    dp_bw = cluster.group_bandwidth(c.dp, c.tp)
+    dp_bw = cluster.group_bandwidth(layout.dp_groups()[0])
     grads = n_stage * p_bytes
     shard = all_gather_time(grads, c.dp, dp_bw)  # one reduce-scatter or all-gather of the stage's params
     if r.stage <= 1:  # gradients reduced after backward (ZeRO-1: reduce-scatter, then params all-gathered)

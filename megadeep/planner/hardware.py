@@ -49,20 +49,22 @@ class Cluster:
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 
-    def group_bandwidth(self, size: int, stride: int) -> float:
-        """Bus bandwidth of a collective over ``size`` ranks that are ``stride`` apart in rank order
-        (TP: stride 1; DP: stride TP; PP: stride TP·DP). A group inside one node runs on NVLink; one
-        that spans nodes shares its nodes' NICs with the other groups of the same kind: NCCL runs a
-        ring per NIC, so a group with k members per node gets k/gpus_per_node of the node's rate."""
-        if size * stride <= self.gpus_per_node:
+    def node(self, rank: int) -> int:
+        return rank // self.gpus_per_node
+
+    def group_bandwidth(self, ranks: list[int]) -> float:
+        """Bus bandwidth of a collective over ``ranks``. A group inside one node runs on NVLink; one
+        that spans nodes shares each node's NICs with the other groups of its kind: NCCL runs a ring
+        per NIC, so a group with k members on a node gets k/gpus_per_node of the node's rate."""
+        nodes = {self.node(r) for r in ranks}
+        if len(nodes) == 1:
             return self.intra * COMM_EFFICIENCY
-        per_node = max(1, min(size, self.gpus_per_node // stride))
+        per_node = len(ranks) / len(nodes)
         return min(self.intra, self.inter * per_node / self.gpus_per_node) * COMM_EFFICIENCY
 
-    def p2p_bandwidth(self, stride: int) -> float:
-        """Point-to-point between ranks ``stride`` apart (pipeline neighbours): NVLink inside a
-        node, else this GPU's share of its node's NICs."""
-        if stride < self.gpus_per_node:
+    def p2p_bandwidth(self, src: int, dst: int) -> float:
+        """Point-to-point (pipeline neighbours): NVLink inside a node, else this GPU's NIC share."""
+        if self.node(src) == self.node(dst):
             return self.intra * COMM_EFFICIENCY
         return min(self.intra, self.inter / self.gpus_per_node) * COMM_EFFICIENCY
 

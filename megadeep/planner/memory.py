@@ -15,14 +15,11 @@ parallelism and sbh/t·(34 + 5as/h) with sequence parallelism.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from megadeep.config.schema import ModelConfig
 
-GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
