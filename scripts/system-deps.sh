@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Debian packages the tests use, installed when missing and we are root. Without them the tests that
-# need them skip and say why.
+# Debian packages the tests and optional features use, installed when missing and we are root.
+# Without them the tests that need them skip and say why.
 #   slurmctld slurmd slurm-client: a private two-node SLURM cluster for the launch tests
+#   libaio-dev: DeepSpeed's async-I/O op, for ZeRO-Infinity's NVMe offload (ds_configs/zero3_nvme.json)
 set -euo pipefail
-PACKAGES=(slurmctld slurmd slurm-client)
+PACKAGES=(slurmctld slurmd slurm-client libaio-dev)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

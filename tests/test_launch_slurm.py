@@ -24,7 +24,7 @@ def tiny_overrides(tmp_path, metrics):
     data = write_text(tmp_path / "data.txt", n_words=20000)
     return ["model.dim=64", "model.n_layers=2", "model.ffn_dim=128", "model.max_seq_len=32", "train.seq_len=32",
             "train.micro_batch_size=4", "train.global_batch_size=8", f"train.steps={STEPS}", "optim.warmup_steps=2",
-            "train.eval_every=0", "log.log_every=1", "data.corpus=", f"data.paths={data}",
+            "train.eval_every=0", "log.log_every=1", "data.source=bytes", "data.corpus=", f"data.paths={data}",
             f"log.metrics_file={metrics}"]
 
 

@@ -88,6 +88,9 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
+ADAM_CHOICES = ("auto", "apex_fused", "ds_fused", "ds_cpu_adam", "torch")
+
+
 @dataclass
 class DeepSpeedConfig:
     config: str = "zero1"  # a name under ds_configs/ or a path to a JSON file

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 
 from megadeep.config.deepspeed import PRECISIONS, load_recipe, offload_devices, zero_stage
-from megadeep.config.schema import RunConfig
+from megadeep.config.schema import ADAM_CHOICES, RunConfig
 from megadeep.errors import ConfigError
 
 BYTE_VOCAB = 256  # data.source=bytes: one token per byte value
@@ -118,6 +118,18 @@ def _check_deepspeed(cfg: RunConfig) -> None:
     if "nvme" in (opt_dev, param_dev):
         _require(bool(cfg.deepspeed.nvme_path),
                  f"'{cfg.deepspeed.config}' offloads to NVMe: set deepspeed.nvme_path to a fast local directory")
+    adam, name = cfg.deepspeed.optimizer, cfg.deepspeed.config
+    _require(adam in ADAM_CHOICES, f"deepspeed.optimizer must be one of {', '.join(ADAM_CHOICES)}, got '{adam}'")
+    if opt_dev != "none":
+        _require(adam in ("auto", "ds_cpu_adam", "torch"),
+                 f"'{name}' offloads the optimizer to {opt_dev}, where it steps on the CPU: "
+                 f"deepspeed.optimizer={adam} cannot run there; use auto (DeepSpeedCPUAdam)")
+    else:
+        _require(adam != "ds_cpu_adam",
+                 f"deepspeed.optimizer=ds_cpu_adam needs an optimizer-offload recipe (e.g. zero2_offload), "
+                 f"but '{name}' keeps the optimizer on the device")
+    _require(not (adam in ("apex_fused", "ds_fused") and cfg.train.device == "cpu"),
+             f"deepspeed.optimizer={adam} is a CUDA kernel but train.device=cpu; use deepspeed.optimizer=auto")
 
 
 def check_data(cfg: RunConfig) -> None:

@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -93,10 +94,12 @@ class Trainer:
         model = Transformer(cfg.model, p.sequence_parallel).to(self.device)
         model.init_weights(cfg.train.seed)
         ds_config = compose(cfg)
-        self.optimizer_name = choose_adam(ds_config, self.device.type)
+        adam = choose_adam(ds_config, self.device.type, cfg.deepspeed.optimizer)
+        self.optimizer_name = adam.name
         o = cfg.optim
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, o.weight_decay), config=ds_config, mpu=groups,
+            model=model, model_parameters=param_groups(model, o.weight_decay), optimizer=adam.client,
+            config=ds_config, mpu=groups,
             lr_scheduler=lr_scheduler(cfg.train.steps, o.warmup_steps, o.lr, o.min_lr),
         )
         dp_rank, dp = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
@@ -129,7 +132,9 @@ class Trainer:
             value /= groups.get_data_parallel_world_size()
         return value.item()
 
-    def train_step(self) -> StepResult:
+    def train_step(self, after_backward: Callable[[int], None] | None = None) -> StepResult:
+        """One optimizer step; ``after_backward(micro)`` runs after each micro-batch's backward, before
+        DeepSpeed's step for it (``megadeep memory`` measures there)."""
         t = self.cfg.train
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]
@@ -141,6 +146,8 @@ class Trainer:
             self.engine.backward(loss)
             if micro == t.grad_accum_steps - 1 and not self.engine.zero_optimization():
                 grad_norm = tp_aware_grad_norm(self.engine.module.parameters())
+            if after_backward is not None:
+                after_backward(micro)
             self.engine.step()
             losses.append(loss.detach())
         if grad_norm is None:
