@@ -78,7 +78,18 @@ def _divide(n: int, world: int, what: str) -> int:
     return n // world
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLinear(nn.Module):
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    init: Fill
+
+    def reset_parameters(self, gen: torch.Generator | None = None) -> None:
+        init_sharded_(self.weight, self.init, gen)
+        if self.bias is not None:
+            init_sharded_(self.bias, zeros_fill)
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """``Y = X Aᵀ`` with A split by output rows: each rank computes its slice of the outputs.
 
     ``blocks`` (sizes summing to ``out_features``) stacks several outputs in one matmul, each split
@@ -102,11 +113,6 @@ class ColumnParallelLinear(nn.Module):
         self.bias = mark(nn.Parameter(torch.empty(local_out, **kw)), 0, blocks) if bias else None
         self.reset_parameters()
 
-    def reset_parameters(self, gen: torch.Generator | None = None) -> None:
-        init_sharded_(self.weight, self.init, gen)
-        if self.bias is not None:
-            init_sharded_(self.bias, zeros_fill)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             x = comm.gather_from_sequence_parallel_region(x)
@@ -116,7 +122,7 @@ class ColumnParallelLinear(nn.Module):
         return comm.gather_from_tensor_parallel_region(y) if self.gather_output else y
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """``Y = X Aᵀ`` with A split by input columns: partial products are summed across ranks.
 
     With ``sequence_parallel`` the sum is a reduce-scatter that leaves the output split on the sequence.
@@ -134,11 +140,6 @@ class RowParallelLinear(nn.Module):
         self.weight = mark(nn.Parameter(torch.empty(out_features, _divide(in_features, world, "in_features"), **kw)), 1)
         self.bias = mark(nn.Parameter(torch.empty(out_features, **kw)), None) if bias else None
         self.reset_parameters()
-
-    def reset_parameters(self, gen: torch.Generator | None = None) -> None:
-        init_sharded_(self.weight, self.init, gen)
-        if self.bias is not None:
-            init_sharded_(self.bias, zeros_fill)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
