@@ -6,40 +6,37 @@ import argparse
 import sys
 
 from megadeep.checkpoint.cli import add_ckpt
+from megadeep.data.cli import add_data
 from megadeep.errors import CheckpointError, ConfigError, RunAborted
+from megadeep.launch.args import add_launch_args, load_for_launch
+from megadeep.launch.cli import add_launch
+from megadeep.monitoring.plot import add_plot
+from megadeep.planner.cli import add_plan
+from megadeep.training.memory_cli import add_memory
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from megadeep.config import load_config, resolve
-    from megadeep.launch.env import world_size_from_env
+    from megadeep.training import preemption
 
-    cfg = load_config(args.config, args.overrides)
-    launched = world_size_from_env()
-    if args.nproc is not None and launched is not None:
-        raise ConfigError(f"--nproc starts processes itself, but this one was already started as one of "
-                          f"{launched} ranks; drop --nproc under torchrun/srun")
-    if args.nproc is not None and args.nproc < 1:
-        raise ConfigError(f"--nproc must be ≥ 1, got {args.nproc}")
-    cfg = resolve(cfg, args.nproc or launched or 1)
-    if args.nproc and args.nproc > 1:
+    preemption.install()  # now: SIGUSR1's default action would kill a rank still loading torch
+    cfg, spawn = load_for_launch(args)
+    if spawn:
         from megadeep.launch.local import run_local
 
-        return run_local(cfg, args.nproc)
+        return run_local(cfg, spawn)
+    from megadeep.launch.slurm import REQUEUE_EXIT
     from megadeep.training.trainer import train
 
-    train(cfg)
-    return 0
+    return REQUEUE_EXIT if train(cfg).preempted else 0
 
 
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a YAML run config")
-    p.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2 train.steps=50")
-    p.add_argument("--nproc", type=int, default=None, help="start this many local processes (torchrun)")
+    add_launch_args(p)
     p.set_defaults(func=cmd_train)
 
 
-COMMANDS = [add_train, add_ckpt]
+COMMANDS = [add_train, add_data, add_memory, add_launch, add_plan, add_plot, add_ckpt]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after the options (argparse only takes them before)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         return args.func(args) or 0
     except ConfigError as e:

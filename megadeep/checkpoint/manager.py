@@ -9,7 +9,6 @@ its own layout needs, so a checkpoint loads into any (TP, PP, DP, ZeRO) layout.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,6 @@ ARCHITECTURE = ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "hidden_
 class TrainState:
     step: int
     consumed_samples: int
-    skipped_steps: int = 0
 
 
 def check_architecture(saved: ModelConfig, current: ModelConfig, where: Path) -> None:
@@ -58,36 +56,20 @@ class CheckpointManager:
         self.layout, self.coord, self.rank = groups.layout(), groups.coord(), dist.get_rank()
         self.last_good: Path | None = None
         self._last_save = time.monotonic()
-        self._signalled = False
-        self._old_handler = None
-        if self.root is not None:
-            try:
-                self._old_handler = signal.signal(signal.SIGUSR1, self._on_signal)
-            except ValueError:  # not the main thread: no signal-triggered saves
-                pass
-
-    def _on_signal(self, signum, frame) -> None:
-        self._signalled = True
-
-    def close(self) -> None:
-        if self._old_handler is not None:
-            signal.signal(signal.SIGUSR1, self._old_handler)
-            self._old_handler = None
 
     # --- saving ----------------------------------------------------------------------------------
     def after_step(self, state: TrainState, final: bool = False) -> Path | None:
-        """Save if a step count, the clock, SIGUSR1 or the end of training asks for it (all ranks agree)."""
+        """Save if the step count, the clock or the end of training asks for it (all ranks agree).
+        (SIGUSR1 is the trainer's: it saves through :meth:`save` and stops.)"""
         if self.root is None:
             return None
         c = self.cfg.checkpoint
         due = final or (c.save_every > 0 and state.step % c.save_every == 0)
-        local = self._signalled or (c.save_minutes > 0 and time.monotonic() - self._last_save >= 60 * c.save_minutes)
-        flag = torch.tensor([int(due or local)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # the clock and signals are per rank
-        if not flag.item():
-            return None
-        self._signalled = False
-        return self.save(state)
+        if c.save_minutes > 0:  # each rank's clock: agree on the decision
+            flag = torch.tensor([int(due or time.monotonic() - self._last_save >= 60 * c.save_minutes)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            due = bool(flag.item())
+        return self.save(state) if due else None
 
     def _specs(self) -> dict[str, dict]:
         tp, stage, vocab = self.layout.tp, self.coord.pp, self.cfg.model.vocab_size
@@ -138,7 +120,6 @@ class CheckpointManager:
         return {
             "step": state.step,
             "consumed_samples": state.consumed_samples,
-            "skipped_steps": state.skipped_steps,
             "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp},
             "zero_stage": zero_stage(load_recipe(self.cfg.deepspeed.config)),
             "precision": self.cfg.train.precision,
@@ -150,14 +131,19 @@ class CheckpointManager:
         }
 
     # --- resuming --------------------------------------------------------------------------------
-    def resume(self) -> TrainState | None:
-        """Load the checkpoint ``checkpoint.resume`` names (auto: the newest usable one in
-        ``checkpoint.dir``). A damaged checkpoint is reported and the previous one used."""
+    def resume(self, prefer_dir: bool = False) -> TrainState | None:
+        """Load what ``checkpoint.resume`` names: ``auto``, the newest usable checkpoint in
+        ``checkpoint.dir``; a ``step_XXXXXXXX`` directory; or another run's checkpoint dir (its newest
+        usable one). A damaged checkpoint is reported and the previous one used. ``prefer_dir``: continue
+        from ``checkpoint.dir`` whenever it holds a checkpoint (a restarted job)."""
         how = self.cfg.checkpoint.resume
+        if prefer_dir and self.root is not None and store.candidates(self.root):
+            how = "auto"
         if how == "none":
             return None
-        explicit = how != "auto"
-        found = [Path(how)] if explicit else (store.candidates(self.root) if self.root else [])
+        explicit = how != "auto" and store.is_checkpoint(Path(how))  # exactly this one, no fallback
+        root = self.root if how == "auto" else Path(how)
+        found = [root] if explicit else (store.candidates(root) if root else [])
         problems = []
         for i, path in enumerate(found):
             problem, ckpt, rng_state = None, None, None
@@ -174,7 +160,7 @@ class CheckpointManager:
                 state = self._load(ckpt, rng_state)
                 self.last_good = path
                 if self.rank == 0 and self.cfg.log.progress:
-                    print(f"megadeep: resumed from {path} (step {state.step})", flush=True)
+                    print(f"megadeep: resumed from {path} at step {state.step}", flush=True)
                 return state
             problems.append(bad[0])
             if self.rank == 0:
@@ -183,7 +169,7 @@ class CheckpointManager:
             if explicit:
                 raise CheckpointError(f"cannot resume from {path}: {bad[0]}")
         if found:
-            raise CheckpointError(f"no usable checkpoint in {self.root} ({len(found)} tried, newest: {problems[0]}); "
+            raise CheckpointError(f"no usable checkpoint in {root} ({len(found)} tried, newest: {problems[0]}); "
                                   "repair or move them, or set checkpoint.resume=none to start over")
         return None
 
@@ -239,4 +225,4 @@ class CheckpointManager:
             from megadeep.parallel.random import seed_everything
 
             seed_everything(self.cfg.train.seed + ckpt.step, self.device_type)
-        return TrainState(ckpt.step, int(ckpt.meta["consumed_samples"]), int(ckpt.meta.get("skipped_steps", 0)))
+        return TrainState(ckpt.step, int(ckpt.meta["consumed_samples"]))

@@ -4,7 +4,7 @@ to cut the piece any other layout needs.
 Files hold, per kind (``model`` = fp32 master weights, ``exp_avg``, ``exp_avg_sq``) and per
 (TP rank, PP stage), each parameter's TP piece exactly as the layer holds it (vocab padding included),
 gathered over DP. ``meta.json`` describes each canonical parameter once: its full unpadded shape,
-``partition_dim``/``partition_stride`` and the pipeline stage whose files hold it. Because padded
+``partition_dim``/``partition_blocks`` and the pipeline stage whose files hold it. Because padded
 vocabulary rows are zero in weights and both moments (they never get a gradient), dropping them and
 padding again for another TP size is exact.
 """
@@ -34,7 +34,7 @@ def rng_file(rank: int) -> str:
 class ParamSpec:
     shape: list[int]  # full TP=1 shape, vocabulary unpadded
     partition_dim: int | None
-    partition_stride: int
+    partition_blocks: list[int] | None  # full-tensor sizes of blocks sharded separately (fused QKV, SwiGLU)
     stage: int  # the pipeline stage whose files hold it
     vocab: bool = False
 
@@ -47,19 +47,24 @@ class ParamSpec:
         vocab = name in VOCAB_PARAMS
         if vocab:
             shape[0] = vocab_size
-        return cls(shape, dim, getattr(param, "partition_stride", 1), stage, vocab)
+        blocks = getattr(param, "partition_blocks", None)
+        return cls(shape, dim, list(blocks) if blocks else None, stage, vocab)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "ParamSpec":
-        return cls(list(d["shape"]), d["partition_dim"], int(d["partition_stride"]), int(d["stage"]), bool(d["vocab"]))
+        return cls(list(d["shape"]), d["partition_dim"], d["partition_blocks"], int(d["stage"]), bool(d["vocab"]))
+
+    @property
+    def blocks(self) -> tuple[int, ...] | None:
+        return tuple(self.partition_blocks) if self.partition_blocks else None
 
 
 def full_from_pieces(pieces: list[torch.Tensor], spec: ParamSpec) -> torch.Tensor:
     """The full unpadded tensor from every TP rank's piece (rank order)."""
-    full = unshard(pieces, spec.partition_dim, spec.partition_stride)
+    full = unshard(pieces, spec.partition_dim, spec.blocks)
     if spec.vocab:
         full = full[: spec.shape[0]]
     if list(full.shape) != spec.shape:
@@ -71,7 +76,7 @@ def piece_from_full(full: torch.Tensor, spec: ParamSpec, tp_rank: int, tp: int, 
     """TP rank ``tp_rank``'s piece of ``full`` for a layout with ``tp`` ranks (vocabulary padded to ``padded_vocab``)."""
     if spec.vocab and padded_vocab > full.shape[0]:
         full = torch.cat([full, full.new_zeros(padded_vocab - full.shape[0], *full.shape[1:])])
-    return shard(full, spec.partition_dim, tp_rank, tp, spec.partition_stride).contiguous()
+    return shard(full, spec.partition_dim, tp_rank, tp, spec.blocks).contiguous()
 
 
 class TensorReader:

@@ -109,6 +109,8 @@ def compose(cfg: RunConfig) -> dict:
         "type": "AdamW",
         "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay},
     }
+    if cfg.log.comm_stats:
+        ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
     for block in ("offload_optimizer", "offload_param"):
         off = ds.get("zero_optimization", {}).get(block)
         if off and off.get("device") == "nvme":

@@ -96,6 +96,18 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def _apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def settings_from_overrides(cls: type, overrides: list[str] = ()) -> Any:
+    """A settings dataclass (e.g. preprocessing) from its defaults and dotted ``key=value`` overrides,
+    typed and checked for unknown keys exactly like run configs."""
+    return _build(cls, _apply_overrides({}, overrides), "")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML (or resolved JSON) run config and apply ``key=value`` overrides."""
     tree: dict = {}
@@ -113,9 +125,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"config file '{path}' is not valid YAML{at}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, value)
-    return _build(RunConfig, tree, "")
+    return _build(RunConfig, _apply_overrides(tree, overrides), "")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 256
+    vocab_size: int = 0  # 0: from the data (256 for data.source=bytes, the tokenizer's size for tokens)
     dim: int = 128
     n_layers: int = 2
     n_heads: int = 4
@@ -90,6 +90,9 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
+ADAM_CHOICES = ("auto", "apex_fused", "ds_fused", "ds_cpu_adam", "torch")
+
+
 @dataclass
 class DeepSpeedConfig:
     config: str = "zero1"  # a name under ds_configs/ or a path to a JSON file
@@ -100,11 +103,14 @@ class DeepSpeedConfig:
 @dataclass
 class DataConfig:
     source: str = "bytes"  # bytes: raw UTF-8 bytes of text files | tokens: preprocessed shards
-    paths: list[str] = field(default_factory=list)  # text files (bytes) or manifests (tokens)
-    weights: list[float] = field(default_factory=list)  # blend weights, one per path
+    paths: list[str] = field(default_factory=list)  # text files (bytes) or dataset manifests/dirs (tokens)
+    weights: list[float] = field(default_factory=list)  # tokens: blend weights, one per path; empty: by size
     corpus: str = ""  # a bundled corpus name (e.g. shakespeare) used when paths is empty
-    val_fraction: float = 0.02
-    tokenizer: str = ""  # a SentencePiece model, for source=tokens
+    val_fraction: float = 0.02  # the last part of each dataset, held out for validation
+    tokenizer: str = ""  # tokens: a SentencePiece model the data must have been made with (and the corpus is tokenised with)
+    tokenizer_vocab: int = 4096  # tokens + corpus, no data.tokenizer: pieces of the tokenizer trained for the corpus
+    cache_dir: str = "data_cache"  # tokens + corpus: where the prepared corpus is kept
+    verify_checksums: bool = True  # tokens: check every shard's sha256 when a run opens it
 
 
 @dataclass
@@ -113,6 +119,7 @@ class LogConfig:
     tensorboard_dir: str = ""
     log_every: int = 1
     progress: bool = True
+    comm_stats: bool = False  # bytes per step by axis (TP/DP/PP); adds DeepSpeed's comms logger
 
 
 @dataclass

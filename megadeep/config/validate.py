@@ -8,8 +8,10 @@ import copy
 from pathlib import Path
 
 from megadeep.config.deepspeed import PRECISIONS, load_recipe, offload_devices, zero_stage
-from megadeep.config.schema import RunConfig
+from megadeep.config.schema import ADAM_CHOICES, RunConfig
 from megadeep.errors import ConfigError
+
+BYTE_VOCAB = 256  # data.source=bytes: one token per byte value
 
 
 def _require(ok: bool, message: str) -> None:
@@ -19,7 +21,7 @@ def _require(ok: bool, message: str) -> None:
 
 def _check_model(cfg: RunConfig) -> None:
     m, tp = cfg.model, cfg.parallel.tp
-    for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "vocab_pad_unit"):
+    for key in ("dim", "n_layers", "n_heads", "max_seq_len", "vocab_pad_unit"):
         _require(getattr(m, key) >= 1, f"model.{key} must be at least 1, got {getattr(m, key)}")
     _require(m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
     _require(m.head_dim % 2 == 0, f"head dim model.dim/model.n_heads={m.head_dim} must be even for RoPE")
@@ -110,9 +112,10 @@ def _check_checkpoint(cfg: RunConfig) -> None:
              "checkpoint.save_every, checkpoint.save_minutes and checkpoint.keep_every must be ≥ 0")
     _require(c.keep_last >= 1, f"checkpoint.keep_last must be ≥ 1, got {c.keep_last}")
     if c.resume not in ("auto", "none"):
-        _require(Path(c.resume, "manifest.json").is_file(),
-                 f"checkpoint.resume='{c.resume}' is not a checkpoint directory (no manifest.json); "
-                 "give a step_XXXXXXXX directory, auto or none")
+        p = Path(c.resume)
+        _require((p / "manifest.json").is_file() or any(p.glob("step_*/manifest.json")),
+                 f"checkpoint.resume='{c.resume}' is neither a checkpoint (step_XXXXXXXX with manifest.json) "
+                 "nor a checkpoint dir holding one; give one of those, auto or none")
     _require(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be ≥ 1, got {t.max_consecutive_skips}")
     _require(t.loss_spike_factor == 0 or t.loss_spike_factor > 1,
              f"train.loss_spike_factor must be 0 (off) or > 1, got {t.loss_spike_factor}")
@@ -131,6 +134,38 @@ def _check_deepspeed(cfg: RunConfig) -> None:
     if "nvme" in (opt_dev, param_dev):
         _require(bool(cfg.deepspeed.nvme_path),
                  f"'{cfg.deepspeed.config}' offloads to NVMe: set deepspeed.nvme_path to a fast local directory")
+    adam, name = cfg.deepspeed.optimizer, cfg.deepspeed.config
+    _require(adam in ADAM_CHOICES, f"deepspeed.optimizer must be one of {', '.join(ADAM_CHOICES)}, got '{adam}'")
+    if opt_dev != "none":
+        _require(adam in ("auto", "ds_cpu_adam", "torch"),
+                 f"'{name}' offloads the optimizer to {opt_dev}, where it steps on the CPU: "
+                 f"deepspeed.optimizer={adam} cannot run there; use auto (DeepSpeedCPUAdam)")
+    else:
+        _require(adam != "ds_cpu_adam",
+                 f"deepspeed.optimizer=ds_cpu_adam needs an optimizer-offload recipe (e.g. zero2_offload), "
+                 f"but '{name}' keeps the optimizer on the device")
+    _require(not (adam in ("apex_fused", "ds_fused") and cfg.train.device == "cpu"),
+             f"deepspeed.optimizer={adam} is a CUDA kernel but train.device=cpu; use deepspeed.optimizer=auto")
+
+
+def check_data(cfg: RunConfig) -> None:
+    """What needs no files; the data itself (and the tokenizer's vocab) is checked by megadeep.data.prepare."""
+    d, vocab = cfg.data, cfg.model.vocab_size
+    _require(d.source in ("bytes", "tokens"), f"data.source must be bytes or tokens, got '{d.source}'")
+    _require(bool(d.paths or d.corpus),
+             "no training data: set data.paths or data.corpus (e.g. data.corpus=shakespeare)")
+    _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if d.source == "bytes":
+        _require(vocab == 0 or vocab >= BYTE_VOCAB,
+                 f"model.vocab_size={vocab} is too small for data.source=bytes; set 0 (256 byte values) or ≥ 256")
+        _require(not d.weights, "data.weights blends token datasets; with data.source=bytes leave it empty")
+        return
+    _require(vocab >= 0, f"model.vocab_size must be ≥ 0 (0: from the tokenizer), got {vocab}")
+    _require(not d.weights or (len(d.weights) == len(d.paths) and min(d.weights) > 0),
+             f"data.weights needs one positive weight per data.paths entry ({len(d.paths)}), got {d.weights}")
+    _require(d.tokenizer_vocab >= 320,
+             f"data.tokenizer_vocab={d.tokenizer_vocab} is too small: the tokenizer needs 256 byte pieces, "
+             "specials and the alphabet; use ≥ 320")
 
 
 def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
@@ -140,8 +175,11 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
     _check_model(cfg)
     _check_training(cfg)
     _check_deepspeed(cfg)
+    check_data(cfg)
     _check_checkpoint(cfg)
     out = copy.deepcopy(cfg)
+    if cfg.data.source == "bytes" and not cfg.model.vocab_size:
+        out.model.vocab_size = BYTE_VOCAB
     out.parallel.dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
     out.train.grad_accum_steps = _check_batch(cfg, out.parallel.dp)
     return out

@@ -9,8 +9,6 @@ import torch
 
 from megadeep.errors import ConfigError
 
-VOCAB_SIZE = 256
-
 
 class ByteWindows:
     """Non-overlapping windows of ``seq_len + 1`` bytes (inputs and shifted targets)."""

@@ -1,16 +1,25 @@
 """Who am I? Rank discovery from whichever launcher started this process, then torch.distributed.
 
 Supported: torchrun and DeepSpeed's launcher (RANK/WORLD_SIZE/LOCAL_RANK), ``srun`` (SLURM_PROCID/
-SLURM_NTASKS/SLURM_LOCALID), and a plain ``python`` (one rank). The result is exported as the
-``env://`` variables so torch.distributed and DeepSpeed see one consistent picture.
+SLURM_NTASKS/SLURM_LOCALID), MPI launchers through mpi4py (``mpirun``, ``srun --mpi=pmi2``), and a plain
+``python`` (one rank). The result is exported as the ``env://`` variables so torch.distributed and
+DeepSpeed see one consistent picture. ``MEGADEEP_LAUNCHER=torchrun|slurm|mpi|single`` overrides the
+detection (the generated ``--launcher mpi`` batch scripts set it to take ranks from mpi4py).
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
+
+from megadeep.errors import ConfigError
+
+LAUNCHERS = ("torchrun", "slurm", "mpi", "single")
+# (rank, size) variables MPI launchers set: Open MPI, MPICH's hydra and SLURM's pmi2, PMIx (no size)
+_MPI_VARS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"), ("PMIX_RANK", None))
 
 
 @dataclass(frozen=True)
@@ -29,25 +38,88 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Expand a SLURM node list (``n[1-2],gpu07``) into host names, in allocation order."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
 def _slurm_master_addr(env) -> str:
     if env.get("MASTER_ADDR"):
         return env["MASTER_ADDR"]
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return out.stdout.split()[0]
+    return slurm_hostnames(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))[0]
+
+
+PORT_BASE, PORT_SPAN = 20000, 20000  # job ports; the batch scripts compute the same in shell
 
 
 def slurm_master_port(job_id: int) -> int:
     """A port that is the same on every node of a job and different between jobs."""
-    return 20000 + job_id % 20000
+    return PORT_BASE + job_id % PORT_SPAN
+
+
+def _mpi_position(env) -> tuple[int, int | None] | None:
+    for rank_var, size_var in _MPI_VARS:
+        if rank_var in env:
+            return int(env[rank_var]), int(env[size_var]) if size_var and size_var in env else None
+    return None
+
+
+def detect_launcher(env) -> str:
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun"
+    in_step = "SLURM_PROCID" in env and "SLURM_STEP_ID" in env  # inside an srun step, not the batch shell
+    mpi = _mpi_position(env)
+    if mpi is not None:
+        # srun with a PMI plugin sets both and they agree: SLURM's are enough. mpirun inside an
+        # allocation starts its daemons with srun, so there SLURM_PROCID numbers nodes, not ranks.
+        rank, size = mpi
+        agrees = in_step and rank == int(env["SLURM_PROCID"]) and size in (None, int(env["SLURM_NTASKS"]))
+        if not agrees:
+            return "mpi"
+    return "slurm" if in_step else "single"
+
+
+@functools.cache
+def _mpi_world() -> tuple[int, int, int, str, int]:
+    """Rank, size, local rank, rank 0's host and a free port there, from MPI_COMM_WORLD. MPI is then
+    finalized: the ranks talk through torch.distributed, and an MPI left open until exit was seen to
+    hang there under ``srun --mpi=pmi2``. Cached, since MPI cannot be asked twice."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    host, port = comm.bcast((socket.gethostname(), _free_port()) if rank == 0 else None)
+    MPI.Finalize()
+    return rank, size, local_rank, host, port
+
+
+def _from_mpi(env) -> ProcessEnv:
+    try:
+        rank, size, local_rank, host, port = _mpi_world()
+    except ImportError as e:
+        raise ConfigError(f"this process was started by an MPI launcher, but mpi4py does not import ({e}); "
+                          "pip install mpi4py mpich, or start ranks with torchrun or plain srun") from None
+    tasks = int(env.get("SLURM_NTASKS", 1)) if "SLURM_STEP_ID" in env else 1
+    if size == 1 and tasks > 1:  # each task initialised MPI on its own
+        raise ConfigError(f"mpi4py sees 1 rank but srun started {tasks} tasks: the MPI library under mpi4py "
+                          "does not speak srun's PMI; use srun --mpi=pmi2 with PyPI mpich")
+    port = env.get("MASTER_PORT") or (slurm_master_port(int(env["SLURM_JOB_ID"])) if "SLURM_JOB_ID" in env else port)
+    return ProcessEnv(rank, size, local_rank, env.get("MASTER_ADDR") or host, int(port), "mpi")
 
 
 def discover(env=None) -> ProcessEnv:
     env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
+    launcher = env.get("MEGADEEP_LAUNCHER") or detect_launcher(env)
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"MEGADEEP_LAUNCHER={launcher} is not one of {', '.join(LAUNCHERS)}")
+    if launcher == "torchrun":
         return ProcessEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                           env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:  # inside an srun step, not the batch shell
+    if launcher == "mpi":
+        return _from_mpi(env)
+    if launcher == "slurm":
         port = int(env.get("MASTER_PORT") or slurm_master_port(int(env["SLURM_JOB_ID"])))
         return ProcessEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"]),
                           _slurm_master_addr(env), port, "slurm")

@@ -6,7 +6,8 @@ out, one all-reduce per sublayer), and with sequence parallel the norms and resi
 slice of the sequence. The model returns vocab-parallel logits or, given targets, the mean loss.
 
 Parameter names are the canonical ones used by initialisation and checkpoints: ``tok_embeddings``,
-``layers.N.{attention,feed_forward}.*``, ``norm``, ``output``.
+``layers.N.attention.{wqkv,wo}``, ``layers.N.feed_forward.{w13,w2}``, ``layers.N.*_norm``, ``norm``,
+``output``.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from megadeep.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    blocks_fill,
     normal_fill,
     vocab_fill,
 )
@@ -70,14 +72,17 @@ class Attention(nn.Module):
         self.head_dim, self.theta, self.dropout = cfg.head_dim, cfg.rope_theta, cfg.attention_dropout
         self.n_heads, self.n_kv_heads = cfg.n_heads // tp, cfg.kv_heads // tp
         hd, sp = cfg.head_dim, sequence_parallel
-        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, sequence_parallel=sp, init=normal_fill(std))
-        self.wk = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, sequence_parallel=sp, init=normal_fill(std))
-        self.wv = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, sequence_parallel=sp, init=normal_fill(v_std))
-        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, sequence_parallel=sp, init=normal_fill(out_std))
+        q, kv = cfg.n_heads * hd, cfg.kv_heads * hd
+        # One matmul for q, k and v: one input all-reduce (or all-gather) instead of three.
+        self.wqkv = ColumnParallelLinear(
+            cfg.dim, q + 2 * kv, blocks=(q, kv, kv), sequence_parallel=sp,
+            init=blocks_fill([(q, normal_fill(std)), (kv, normal_fill(std)), (kv, normal_fill(v_std))]),
+        )
+        self.wo = RowParallelLinear(q, cfg.dim, sequence_parallel=sp, init=normal_fill(out_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        b, s, _ = q.shape  # s is the full sequence even under sequence parallel (the wq input is gathered)
+        q, k, v = self.wqkv(x).split(list(self.wqkv.local_blocks), dim=-1)
+        b, s, _ = q.shape  # s is the full sequence even under sequence parallel (the input is gathered)
         q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -92,14 +97,14 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: gate and up are one column-parallel matmul, stored ``[gate; up]`` with stride 2 so each
+    """SwiGLU: gate and up are one column-parallel matmul, stored ``[gate; up]`` as two blocks so each
     TP shard holds matching gate and up rows and the activation needs no communication."""
 
     def __init__(self, cfg: ModelConfig, sequence_parallel: bool, fused: bool, std: float, out_std: float):
         super().__init__()
         ffn, sp = cfg.hidden_ffn, sequence_parallel
         self.fused = fused
-        self.w13 = ColumnParallelLinear(cfg.dim, 2 * ffn, stride=2, sequence_parallel=sp, init=normal_fill(std))
+        self.w13 = ColumnParallelLinear(cfg.dim, 2 * ffn, blocks=(ffn, ffn), sequence_parallel=sp, init=normal_fill(std))
         self.w2 = RowParallelLinear(ffn, cfg.dim, sequence_parallel=sp, init=normal_fill(out_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,22 +1,30 @@
-"""Megatron-style tensor parallelism: process groups, communication, layers, loss, RNG."""
-from megadeep.parallel.comm import (
-    copy_to_tensor_parallel_region,
-    gather_from_sequence_parallel_region,
-    gather_from_tensor_parallel_region,
-    reduce_from_tensor_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-    scatter_to_sequence_parallel_region,
-    scatter_to_tensor_parallel_region,
-)
-from megadeep.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megadeep.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from megadeep.parallel.layout import Layout
-from megadeep.parallel.random import checkpoint, get_rng_tracker
+"""Megatron-style tensor parallelism: process groups, communication, layers, loss, RNG.
 
-__all__ = [
-    "ColumnParallelLinear", "Layout", "RowParallelLinear", "VocabParallelEmbedding", "checkpoint",
-    "copy_to_tensor_parallel_region", "gather_from_sequence_parallel_region",
-    "gather_from_tensor_parallel_region", "get_rng_tracker", "reduce_from_tensor_parallel_region",
-    "reduce_scatter_to_sequence_parallel_region", "scatter_to_sequence_parallel_region",
-    "scatter_to_tensor_parallel_region", "vocab_parallel_cross_entropy",
-]
+The names below load on first use (PEP 562), so that ``megadeep.parallel.layout`` — plain arithmetic the
+launcher uses before any rank starts — does not import torch.
+"""
+import importlib
+
+_EXPORTS = {
+    "copy_to_tensor_parallel_region": "comm",
+    "gather_from_sequence_parallel_region": "comm",
+    "gather_from_tensor_parallel_region": "comm",
+    "reduce_from_tensor_parallel_region": "comm",
+    "reduce_scatter_to_sequence_parallel_region": "comm",
+    "scatter_to_sequence_parallel_region": "comm",
+    "scatter_to_tensor_parallel_region": "comm",
+    "vocab_parallel_cross_entropy": "cross_entropy",
+    "ColumnParallelLinear": "layers",
+    "RowParallelLinear": "layers",
+    "VocabParallelEmbedding": "layers",
+    "Layout": "layout",
+    "checkpoint": "random",
+    "get_rng_tracker": "random",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"megadeep.parallel.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'megadeep.parallel' has no attribute '{name}'")

@@ -20,13 +20,23 @@ def _tp():
     return (groups.get_tensor_model_parallel_group() if world > 1 else None), world
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
+def _payload(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+def all_reduce_(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over the TP group (x must be contiguous)."""
     group, world = _tp()
-    if world == 1:
+    if world > 1:
+        groups.count_tp_bytes("all_reduce", _payload(x))
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if groups.get_tensor_model_parallel_world_size() == 1:
         return x
-    out = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, group=group)
-    return out
+    return all_reduce_(x.clone(memory_format=torch.contiguous_format))
 
 
 def all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -35,6 +45,7 @@ def all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
         return x
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((world * front.shape[0], *front.shape[1:]))
+    groups.count_tp_bytes("all_gather", _payload(out))
     dist.all_gather_single(out, front, group=group)
     return out.movedim(0, dim)
 
@@ -47,6 +58,7 @@ def reduce_scatter(x: torch.Tensor, dim: int) -> torch.Tensor:
     if front.shape[0] % world:
         raise ValueError(f"cannot reduce-scatter size {front.shape[0]} over {world} ranks")
     out = front.new_empty((front.shape[0] // world, *front.shape[1:]))
+    groups.count_tp_bytes("reduce_scatter", _payload(front))
     dist.reduce_scatter_single(out, front, group=group)
     return out.movedim(0, dim)
 

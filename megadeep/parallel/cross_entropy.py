@@ -10,13 +10,12 @@ import torch
 import torch.distributed as dist
 
 from megadeep.parallel import groups
+from megadeep.parallel.comm import all_reduce_
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_size, ignore_index):
-        group = groups.get_tensor_model_parallel_group() if groups.is_initialized() else None
-        world = groups.get_tensor_model_parallel_world_size()
         per_rank = logits.shape[-1]
         start = groups.get_tensor_model_parallel_rank() * per_rank
 
@@ -26,9 +25,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             logits = logits.clone()
             logits[..., n_real:] = float("-inf")
 
-        logits_max = logits.max(dim=-1).values
-        if world > 1:
-            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        logits_max = all_reduce_(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
         shifted = logits - logits_max.unsqueeze(-1)
 
         ignored = target == ignore_index
@@ -38,10 +35,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_logit = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~in_shard, 0.0)
 
         exp = shifted.exp_()
-        sum_exp = exp.sum(dim=-1)
-        if world > 1:
-            dist.all_reduce(target_logit, group=group)
-            dist.all_reduce(sum_exp, group=group)
+        sum_exp = all_reduce_(exp.sum(dim=-1))
+        all_reduce_(target_logit)
 
         loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
         softmax = exp.div_(sum_exp.unsqueeze(-1))

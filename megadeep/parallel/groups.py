@@ -6,7 +6,8 @@ TP-replicated parameters in the grad norm and names checkpoint shards ``mp_rank_
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -23,6 +24,7 @@ class _Groups:
     tp_ranks: list[int]
     dp_ranks: list[int]
     pp_ranks: list[int]
+    tp_bytes: Counter = field(default_factory=Counter)  # payload bytes per TP collective type
 
 
 _STATE: _Groups | None = None
@@ -136,3 +138,15 @@ def get_pipeline_model_parallel_rank() -> int:
 
 def get_pipeline_model_parallel_group_ranks() -> list[int]:
     return list(_state().pp_ranks)
+
+
+def count_tp_bytes(op: str, nbytes: int) -> None:
+    """Record a TP collective's payload (the full tensor it reduces or gathers)."""
+    _state().tp_bytes[op] += nbytes
+
+
+def take_tp_bytes() -> dict[str, int]:
+    """TP payload bytes per collective type since the last call."""
+    counts = dict(_state().tp_bytes)
+    _state().tp_bytes.clear()
+    return counts

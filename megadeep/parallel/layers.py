@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megadeep.parallel import comm, groups
-from megadeep.parallel.sharding import mark, shard
+from megadeep.parallel.sharding import Blocks, local_blocks, mark, shard
 
 Fill = Callable[[torch.Tensor, torch.Generator | None], None]
 
@@ -27,6 +27,16 @@ def normal_fill(std: float) -> Fill:
 
 def zeros_fill(t: torch.Tensor, gen: torch.Generator | None) -> None:
     t.zero_()
+
+
+def blocks_fill(fills: list[tuple[int, Fill]]) -> Fill:
+    """Fill consecutive row blocks of the full tensor, each with its own initialiser."""
+
+    def fill(t: torch.Tensor, gen: torch.Generator | None) -> None:
+        for rows, (_, f) in zip(t.split([n for n, _ in fills]), fills):
+            f(rows, gen)
+
+    return fill
 
 
 def vocab_fill(num_real: int, std: float) -> Fill:
@@ -57,7 +67,7 @@ def init_sharded_(param: nn.Parameter, fill: Fill, gen: torch.Generator | None =
         param.partition_dim,
         groups.get_tensor_model_parallel_rank(),
         groups.get_tensor_model_parallel_world_size(),
-        param.partition_stride,
+        param.partition_blocks,
     )
     param.copy_(piece)
 
@@ -68,30 +78,40 @@ def _divide(n: int, world: int, what: str) -> int:
     return n // world
 
 
-class ColumnParallelLinear(nn.Module):
-    """``Y = X Aᵀ`` with A split by output rows: each rank computes its slice of the outputs.
-
-    ``stride`` > 1 splits each of that many stacked blocks separately (see ``sharding``).
-    With ``sequence_parallel`` the input arrives split on the sequence and is all-gathered first.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, gather_output: bool = False,
-                 stride: int = 1, sequence_parallel: bool = False, init: Fill = normal_fill(0.02),
-                 device=None, dtype=None):
-        super().__init__()
-        world = groups.get_tensor_model_parallel_world_size()
-        self.in_features, self.out_features = in_features, out_features
-        self.gather_output, self.sequence_parallel, self.init = gather_output, sequence_parallel, init
-        local_out = _divide(out_features, world * stride, "out_features/stride") * stride
-        kw = dict(device=device, dtype=dtype)
-        self.weight = mark(nn.Parameter(torch.empty(local_out, in_features, **kw)), 0, stride)
-        self.bias = mark(nn.Parameter(torch.empty(local_out, **kw)), 0, stride) if bias else None
-        self.reset_parameters()
+class _ParallelLinear(nn.Module):
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    init: Fill
 
     def reset_parameters(self, gen: torch.Generator | None = None) -> None:
         init_sharded_(self.weight, self.init, gen)
         if self.bias is not None:
             init_sharded_(self.bias, zeros_fill)
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """``Y = X Aᵀ`` with A split by output rows: each rank computes its slice of the outputs.
+
+    ``blocks`` (sizes summing to ``out_features``) stacks several outputs in one matmul, each split
+    across ranks separately (see ``sharding``); ``local_blocks`` are their sizes on this rank.
+    With ``sequence_parallel`` the input arrives split on the sequence and is all-gathered first.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, gather_output: bool = False,
+                 blocks: Blocks = None, sequence_parallel: bool = False, init: Fill = normal_fill(0.02),
+                 device=None, dtype=None):
+        super().__init__()
+        world = groups.get_tensor_model_parallel_world_size()
+        if blocks and sum(blocks) != out_features:
+            raise ValueError(f"blocks {blocks} do not sum to out_features={out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.gather_output, self.sequence_parallel, self.init = gather_output, sequence_parallel, init
+        self.local_blocks = local_blocks(blocks, world) or (_divide(out_features, world, "out_features"),)
+        local_out = sum(self.local_blocks)
+        kw = dict(device=device, dtype=dtype)
+        self.weight = mark(nn.Parameter(torch.empty(local_out, in_features, **kw)), 0, blocks)
+        self.bias = mark(nn.Parameter(torch.empty(local_out, **kw)), 0, blocks) if bias else None
+        self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -102,7 +122,7 @@ class ColumnParallelLinear(nn.Module):
         return comm.gather_from_tensor_parallel_region(y) if self.gather_output else y
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """``Y = X Aᵀ`` with A split by input columns: partial products are summed across ranks.
 
     With ``sequence_parallel`` the sum is a reduce-scatter that leaves the output split on the sequence.
@@ -120,11 +140,6 @@ class RowParallelLinear(nn.Module):
         self.weight = mark(nn.Parameter(torch.empty(out_features, _divide(in_features, world, "in_features"), **kw)), 1)
         self.bias = mark(nn.Parameter(torch.empty(out_features, **kw)), None) if bias else None
         self.reset_parameters()
-
-    def reset_parameters(self, gen: torch.Generator | None = None) -> None:
-        init_sharded_(self.weight, self.init, gen)
-        if self.bias is not None:
-            init_sharded_(self.bias, zeros_fill)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:

@@ -47,7 +47,6 @@ class FaultGuard:
         self.max_consecutive = max_consecutive_skips
         self.spike_factor, self.warmup, self.beta = spike_factor, warmup, beta
         self.enabled_log = enabled_log
-        self.skipped = 0  # total over the run (restored on resume)
         self.consecutive = 0
         self.mean: float | None = None
         self.seen = 0
@@ -55,12 +54,11 @@ class FaultGuard:
     def observe(self, result) -> None:
         """Account for one optimizer step and set ``result.loss_spike``."""
         if result.skipped:
-            self.skipped += 1
             self.consecutive += 1
             if self.enabled_log:
                 log.warning(f"megadeep: warning: step {result.step}: non-finite loss or gradient "
                             f"(loss {result.loss}, grad norm {result.grad_norm}); update skipped "
-                            f"({self.consecutive} in a row, {self.skipped} in total)")
+                            f"({self.consecutive} in a row)")
             return
         self.consecutive = 0
         loss = result.loss

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from megadeep.config.deepspeed import offload_devices
+from megadeep.errors import ConfigError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -21,19 +24,68 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def choose_adam(ds_config: dict, device_type: str) -> str:
-    """Pick the Adam implementation and set it in ``ds_config['optimizer']``; returns its name.
+ADAM_NAMES = {
+    "apex_fused": "apex FusedAdam",
+    "ds_fused": "DeepSpeed FusedAdam",
+    "ds_cpu_adam": "DeepSpeedCPUAdam",
+    "torch": "torch AdamW (foreach)",
+}
 
-    Offloaded optimizer → DeepSpeedCPUAdam; CUDA → DeepSpeed FusedAdam; otherwise torch AdamW
-    (foreach), which needs no JIT-built op on a CPU machine.
+
+def apex_fused_adam():
+    """apex's FusedAdam class when apex is installed with its CUDA extensions, else None."""
+    try:
+        import amp_C  # noqa: F401  (apex's fused kernels; FusedAdam refuses to build without them)
+        from apex.optimizers import FusedAdam
+    except ImportError:
+        return None
+    return FusedAdam
+
+
+@dataclass
+class AdamChoice:
+    key: str  # a deepspeed.optimizer value other than "auto"
+    client: Callable | None  # builds a client optimizer from param groups; None: DeepSpeed builds it
+
+    @property
+    def name(self) -> str:
+        return ADAM_NAMES[self.key]
+
+
+def resolve_adam(requested: str, offloaded: bool, device_type: str, apex_available: bool) -> str:
+    """The Adam implementation for a run: the user's choice, or for ``auto`` the fastest that fits."""
+    if requested == "auto":
+        if offloaded:
+            return "ds_cpu_adam"
+        if device_type == "cuda":
+            return "apex_fused" if apex_available else "ds_fused"
+        return "torch"
+    if requested == "apex_fused" and not (device_type == "cuda" and apex_available):
+        raise ConfigError("deepspeed.optimizer=apex_fused needs CUDA and apex built with --cuda_ext; "
+                          "use deepspeed.optimizer=auto")
+    if requested == "ds_fused" and device_type != "cuda":
+        raise ConfigError("deepspeed.optimizer=ds_fused needs CUDA; use deepspeed.optimizer=auto (torch AdamW on CPU)")
+    return requested
+
+
+def choose_adam(ds_config: dict, device_type: str, requested: str = "auto") -> AdamChoice:
+    """Pick the Adam implementation and set ``ds_config`` up for it.
+
+    An offloaded optimizer steps on the CPU, where DeepSpeed builds DeepSpeedCPUAdam from the
+    ``optimizer`` block; on CUDA apex's FusedAdam (a client optimizer, so the block goes) or else
+    DeepSpeed's FusedAdam; on a CPU device torch AdamW (foreach), which needs no JIT-built op.
+    Combinations that cannot work are refused by ``megadeep.config.validate`` before launch.
     """
+    offloaded = offload_devices(ds_config)[0] != "none"
+    key = resolve_adam(requested, offloaded, device_type, apex_fused_adam() is not None)
     params = ds_config["optimizer"]["params"]
-    if offload_devices(ds_config)[0] != "none":
-        return "DeepSpeedCPUAdam"
-    if device_type == "cuda":
-        return "DeepSpeed FusedAdam"
-    params.update(torch_adam=True, foreach=True)
-    return "torch AdamW (foreach)"
+    if key == "torch":
+        params.update(torch_adam=True, foreach=True)
+    if key != "apex_fused":
+        return AdamChoice(key, None)
+    del ds_config["optimizer"]
+    fused_adam = apex_fused_adam()
+    return AdamChoice(key, lambda groups: fused_adam(groups, adam_w_mode=True, **params))
 
 
 def lr_lambda(steps: int, warmup: int, lr: float, min_lr: float):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -17,14 +19,18 @@ import torch.distributed as dist
 from megadeep.checkpoint.manager import CheckpointManager, TrainState
 from megadeep.config.deepspeed import compose
 from megadeep.config.schema import RunConfig
-from megadeep.data import Loader, build_split
+from megadeep.data.loader import Loader, build_split
 from megadeep.launch.env import discover, init_distributed
+from megadeep.launch.placement import report_actual
 from megadeep.model import Transformer, num_params
+from megadeep.monitoring.comm import CommMeter
+from megadeep.monitoring.flops import peak_flops
+from megadeep.monitoring.metrics_log import MetricsLog, memory_mb
 from megadeep.parallel import groups
 from megadeep.parallel.layout import Layout
 from megadeep.parallel.random import seed_everything
+from megadeep.training import preemption
 from megadeep.training.guard import FaultGuard, skip_unwrapped_update
-from megadeep.training.metrics import MetricsLog
 from megadeep.training.optimizer import choose_adam, lr_scheduler, param_groups
 
 
@@ -63,7 +69,9 @@ class StepResult:
 @dataclass
 class Summary:
     history: list[StepResult] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)  # what was logged per step (rank 0's view)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    preempted: bool = False  # stopped early on SIGUSR1 after saving a checkpoint: requeue to continue
 
 
 class Trainer:
@@ -72,38 +80,54 @@ class Trainer:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.cfg = cfg
+        self.stop = preemption.install()
         self.device = resolve_device(cfg.train.device)
-        init_distributed(discover(), self.device.type, cfg.train.dist_timeout_s)
+        pe = discover()
+        init_distributed(pe, self.device.type, cfg.train.dist_timeout_s)
         p = cfg.parallel
         groups.initialize(Layout(tp=p.tp, dp=p.dp, pp=p.pp))
         self.rank = dist.get_rank()
+        rank_map = report_actual(pe.launcher)
+        if rank_map and cfg.log.progress:
+            print(rank_map, flush=True)
         seed_everything(cfg.train.seed, self.device.type)
+        split = build_split(cfg)  # before the model: data that does not fit the config fails first
 
         model = Transformer(cfg.model, p.sequence_parallel).to(self.device)
         model.init_weights(cfg.train.seed)
         ds_config = compose(cfg)
-        self.optimizer_name = choose_adam(ds_config, self.device.type)
+        adam = choose_adam(ds_config, self.device.type, cfg.deepspeed.optimizer)
+        self.optimizer_name = adam.name
         o = cfg.optim
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, o.weight_decay), config=ds_config, mpu=groups,
+            model=model, model_parameters=param_groups(model, o.weight_decay), optimizer=adam.client,
+            config=ds_config, mpu=groups,
             lr_scheduler=lr_scheduler(cfg.train.steps, o.warmup_steps, o.lr, o.min_lr),
         )
-        split = build_split(cfg)
         dp_rank, dp = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
         t = cfg.train
         self.train_data = Loader(split.train, t.micro_batch_size, dp_rank, dp, t.seed)
         self.val_data = split.val
         self.step = 0
-        self.log = MetricsLog(cfg.log.metrics_file, t.steps, self.rank == 0, cfg.log.progress, cfg.log.log_every)
+        dist.barrier()  # ranks measure a CPU peak at the same moment, so each gets its share of the cores
+        self.log = MetricsLog(cfg, dist.get_world_size(), peak_flops(self.device, t.precision), self.rank == 0)
+        self.comm = CommMeter() if cfg.log.comm_stats else None
         self.guard = FaultGuard(t.max_consecutive_skips, t.loss_spike_factor, self.rank == 0)
         self.checkpoints = CheckpointManager(cfg, self.engine, dict(model.named_parameters()), self.device.type)
-        resumed = self.checkpoints.resume()
-        if resumed is not None:
-            self.step, self.train_data.consumed, self.guard.skipped = (
-                resumed.step, resumed.consumed_samples, resumed.skipped_steps)
         if self.rank == 0 and cfg.log.progress:
             print(f"megadeep: {cfg.name} | layout TP={p.tp} DP={p.dp} PP={p.pp} | "
                   f"{num_params(cfg.model) / 1e6:.2f}M params | optimizer {self.optimizer_name} | device {self.device}", flush=True)
+        self.maybe_resume()
+
+    def _extras(self) -> dict:
+        """What the step record carries beyond the loop's own numbers."""
+        extras = {"skipped_steps": self.engine.skipped_steps, "memory": memory_mb(self.device)}
+        if self.engine.fp16_enabled():
+            opt = self.engine.optimizer
+            extras["loss_scale"] = float(getattr(opt, "cur_scale", None) or opt.loss_scale)
+        if self.comm is not None:
+            extras["comm_bytes"] = self.comm.step()
+        return extras
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         value = value.detach().double().cpu()
@@ -112,7 +136,9 @@ class Trainer:
             value /= groups.get_data_parallel_world_size()
         return value.item()
 
-    def train_step(self) -> StepResult:
+    def train_step(self, after_backward: Callable[[int], None] | None = None) -> StepResult:
+        """One optimizer step; ``after_backward(micro)`` runs after each micro-batch's backward, before
+        DeepSpeed's step for it (``megadeep memory`` measures there)."""
         t = self.cfg.train
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]
@@ -125,6 +151,8 @@ class Trainer:
             if micro == t.grad_accum_steps - 1 and not self.engine.zero_optimization():
                 grad_norm = tp_aware_grad_norm(self.engine.module.parameters())
                 skip_unwrapped_update(self.engine, grad_norm)
+            if after_backward is not None:
+                after_backward(micro)
             self.engine.step()
             losses.append(loss.detach())
         if grad_norm is None:
@@ -158,22 +186,53 @@ class Trainer:
                 r = self.train_step()
                 self.guard.observe(r)
                 summary.history.append(r)
-                self.log.write(dict(vars(r)))
+                summary.records.append(self.log.step({**vars(r), **self._extras()}))
                 self.guard.check(self.checkpoints.last_good)
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     val = self.evaluate()
                     if val is not None:
                         summary.val_losses.append((self.step, val))
-                        self.log.write({"step": self.step, "val_loss": val})
+                        self.log.evaluation(self.step, val)
+                if self.step < t.steps and self._stop_requested():
+                    self.save_checkpoint()
+                    summary.preempted = True
+                    break
                 if not r.skipped or self.step == t.steps:  # the last good checkpoint predates a bad streak
-                    self.checkpoints.after_step(TrainState(self.step, self.train_data.consumed, self.guard.skipped),
-                                                final=self.step == t.steps)
+                    self.checkpoints.after_step(self._train_state(), final=self.step == t.steps)
         finally:
             self.log.close()
         return summary
 
+    def _stop_requested(self) -> bool:
+        if not preemption.any_rank_requested(self.stop, self.device):
+            return False
+        self.stop.clear()
+        if not self.cfg.checkpoint.dir:
+            if self.rank == 0:
+                print("megadeep: SIGUSR1 received but checkpoint.dir is not set; training on", flush=True)
+            return False
+        if self.rank == 0:
+            print(f"megadeep: SIGUSR1 received; saving a checkpoint after step {self.step} and stopping", flush=True)
+        return True
+
+    # -- checkpoints (megadeep.checkpoint) ----------------------------------------------------------
+    def _train_state(self) -> TrainState:
+        return TrainState(self.step, self.train_data.consumed)
+
+    def save_checkpoint(self) -> None:
+        self.checkpoints.save(self._train_state())
+
+    def maybe_resume(self) -> bool:
+        """Continue from ``checkpoint.resume`` (auto: the newest usable checkpoint in ``checkpoint.dir``;
+        a SLURM restart always continues from ``checkpoint.dir`` when it holds one)."""
+        restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+        state = self.checkpoints.resume(prefer_dir=restarted)
+        if state is None:
+            return False
+        self.step, self.train_data.consumed = state.step, state.consumed_samples
+        return True
+
     def close(self) -> None:
-        self.checkpoints.close()
         self.engine.destroy()
         groups.destroy()
 

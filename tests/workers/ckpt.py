@@ -87,7 +87,7 @@ def run_job(job, world, text):
         trainer.close()
     h = summary.history
     report.update(start=start, steps=[r.step for r in h], loss=[r.loss for r in h],
-                  grad_norm=[r.grad_norm for r in h], skipped=[r.skipped for r in h], skipped_total=trainer.guard.skipped)
+                  grad_norm=[r.grad_norm for r in h], skipped=[r.skipped for r in h], skipped_total=trainer.engine.skipped_steps)
     return report
 
 

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megadeep.config.schema import ModelConfig
-from megadeep.model.llama import RMSNorm, Transformer
+from megadeep.model.llama import Block, RMSNorm, Transformer
+from megadeep.monitoring.comm import min_tp_bytes_per_layer
 from megadeep.parallel import groups
 from megadeep.parallel.comm import SEQ_DIM
 from megadeep.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -36,8 +37,10 @@ def check(name, a, b):
     errors[name] = max(errors.get(name, 0.0), e.item())
 
 
-def sl(t, dim, stride=1):
-    return shard(t, dim, R, W, stride)
+def sl(t, dim, blocks=None):
+    if dim == 2 and blocks:  # an activation laid out like a blocked weight's rows
+        return shard(t.transpose(0, 2), 0, R, W, blocks).transpose(0, 2)
+    return shard(t, dim, R, W, blocks)
 
 
 def seq_slice(t):
@@ -52,28 +55,30 @@ def rand(*shape):
     return torch.randn(*shape, generator=g)
 
 
-# ---- column parallel, with and without gather_output and stride ----
-for gather, stride, sp in [(False, 1, False), (True, 1, False), (False, 2, False), (False, 1, True), (False, 2, True)]:
-    name = f"column gather={gather} stride={stride} sp={sp}"
+# ---- column parallel, with and without gather_output and blocks ----
+QKV = (OUT // 2, OUT // 4, OUT // 4)
+for gather, blocks, sp in [(False, None, False), (True, None, False), (False, QKV, False), (False, None, True),
+                           (False, (OUT // 2, OUT // 2), True)]:
+    name = f"column gather={gather} blocks={blocks} sp={sp}"
     w, b, x, G = rand(OUT, IN), rand(OUT), rand(B, S, IN), rand(B, S, OUT)
     xd = x.clone().requires_grad_()
     wd, bd = w.clone().requires_grad_(), b.clone().requires_grad_()
     yd = F.linear(xd, wd, bd)
     (yd * G).sum().backward()
 
-    layer = ColumnParallelLinear(IN, OUT, bias=True, gather_output=gather, stride=stride, sequence_parallel=sp)
+    layer = ColumnParallelLinear(IN, OUT, bias=True, gather_output=gather, blocks=blocks, sequence_parallel=sp)
     with torch.no_grad():
-        layer.weight.copy_(sl(w, 0, stride))
-        layer.bias.copy_(sl(b, 0, stride))
+        layer.weight.copy_(sl(w, 0, blocks))
+        layer.bias.copy_(sl(b, 0, blocks))
     xp = (seq_slice(x) if sp else x).clone().requires_grad_()
     y = layer(xp)
-    Gp = G if gather else sl(G, 2, stride)
-    ref_y = yd.detach() if gather else sl(yd.detach(), 2, stride)
+    Gp = G if gather else sl(G, 2, blocks)
+    ref_y = yd.detach() if gather else sl(yd.detach(), 2, blocks)
     (y * Gp).sum().backward()
     check(name + " out", y, ref_y)
     check(name + " dx", xp.grad, seq_slice(xd.grad) if sp else xd.grad)
-    check(name + " dw", layer.weight.grad, sl(wd.grad, 0, stride))
-    check(name + " db", layer.bias.grad, sl(bd.grad, 0, stride))
+    check(name + " dw", layer.weight.grad, sl(wd.grad, 0, blocks))
+    check(name + " db", layer.bias.grad, sl(bd.grad, 0, blocks))
 
 # ---- row parallel ----
 for parallel_in, sp in [(True, False), (False, False), (True, True)]:
@@ -171,7 +176,7 @@ for name, p in par.named_parameters():
     if p.partition_dim is not None and ref.shape[p.partition_dim] != p.shape[p.partition_dim] * W:
         pad = p.shape[p.partition_dim] * W - ref.shape[0]  # vocab padding differs with TP
         ref = torch.cat([ref, ref.new_zeros(pad, *ref.shape[1:])])
-    expect = shard(ref, p.partition_dim, R, W, p.partition_stride)
+    expect = shard(ref, p.partition_dim, R, W, p.partition_blocks)
     check("init " + name, p.detach(), expect)
 
 # ---- RNG: the default stream agrees across TP ranks, the forked TP stream differs ----
@@ -185,6 +190,23 @@ dist.all_gather(gathered_in, inside)
 errors["rng default stream differs across TP"] = float(any(not torch.equal(t, outside) for t in gathered_out))
 errors["rng TP stream equal across TP"] = float(any(torch.equal(gathered_in[i], gathered_in[j])
                                                     for i in range(W) for j in range(i + 1, W)))
+
+# ---- TP communication of one decoder layer, forward + backward, as counted by the comm layer ----
+for sp in (False, True):
+    cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=4 if W == 4 else 2, ffn_dim=16 * W)
+    block = Block(cfg, 0, sequence_parallel=sp)
+    b, s, h = 2, 4 * W, cfg.dim
+    x = rand(b, s // W if sp else s, h).requires_grad_()
+    groups.take_tp_bytes()
+    block(x).sum().backward()
+    counted = groups.take_tp_bytes()
+    # Stated here on its own: 4 activation all-reduces (2 fwd, 2 bwd) of b·s·h fp32 values; with SP
+    # 4 all-gathers + 4 reduce-scatters of the same size, plus one all-reduce of each norm's h weights.
+    act = b * s * h * 4
+    expected = ({"all_gather": 4 * act, "reduce_scatter": 4 * act, "all_reduce": 2 * h * 4} if sp
+                else {"all_reduce": 4 * act})
+    assert expected == min_tp_bytes_per_layer(b, s, h, 4, sp)
+    errors[f"tp bytes per layer sp={sp} differ from the minimum"] = float(counted != expected)
 
 if R == 0:
     with open(sys.argv[1], "w") as f:

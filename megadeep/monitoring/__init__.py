@@ -1,0 +1,1 @@
+"""Seeing what training does: FLOPs and MFU, memory, communication volume, TensorBoard, plots."""
