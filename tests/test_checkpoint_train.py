@@ -168,17 +168,15 @@ def transformers_first_batch_loss(folder, text) -> float:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
 
 
-def test_sigusr1_saves_and_a_dead_rank_ends_the_job(text, tmp_path):
-    """SIGUSR1 to one rank of a 4-process run saves a checkpoint (all ranks agree to); then SIGKILL of
-    another rank: the launcher takes the others down and exits non-zero."""
+def test_dead_rank_ends_the_job(text, tmp_path):
+    """SIGKILL one rank of a 4-process run: the launcher takes the others down and exits non-zero."""
     import psutil
 
     from tests.workers.ckpt import TINY
 
     metrics = tmp_path / "metrics.jsonl"
     cmd = [sys.executable, "-m", "megadeep", "train", str(tmp_path / "none.yaml"), *TINY, f"data.paths=[{text}]",
-           "parallel.tp=2", "train.steps=100000", "train.dist_timeout_s=60", f"log.metrics_file={metrics}",
-           f"checkpoint.dir={tmp_path / 'ckpt'}", "--nproc", "4"]
+           "parallel.tp=2", "train.steps=100000", "train.dist_timeout_s=60", f"log.metrics_file={metrics}", "--nproc", "4"]
     (tmp_path / "none.yaml").write_text("name: dead-rank\n")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -188,11 +186,6 @@ def test_sigusr1_saves_and_a_dead_rank_ends_the_job(text, tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
             time.sleep(0.5)
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "RANK" in p.environ()]
-        os.kill(next(p for p in workers if p.environ()["RANK"] == "0").pid, signal.SIGUSR1)
-        while store.latest(tmp_path / "ckpt") is None:
-            assert proc.poll() is None and time.monotonic() < deadline, "SIGUSR1 did not make a checkpoint"
-            time.sleep(0.5)
-        assert store.step_of(store.latest(tmp_path / "ckpt")) >= 2
         victim = next(p for p in workers if p.environ()["RANK"] == "2")
         killed = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
