@@ -19,6 +19,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from megadeep import ops
 from megadeep.config.schema import ModelConfig, RunConfig
+from megadeep.errors import ConfigError
 from megadeep.model.llama import Block, OutputHead, RMSNorm, TokenEmbedding, init_weights, lm_loss, tied_logits
 from megadeep.parallel.random import checkpoint
 
@@ -37,6 +38,19 @@ def layer_specs(cfg: ModelConfig, sequence_parallel: bool) -> tuple[list[LayerSp
     specs = [embed, *blocks, LayerSpec(RMSNorm, cfg.dim, cfg.norm_eps, sp, fused), head]
     names = [TIED, *(f"layers.{i}" for i in range(cfg.n_layers)), "norm", "output"]
     return specs, names
+
+
+def require_block_per_stage(parts: list[int], names: list[str], method: str) -> None:
+    """Every stage must hold a decoder block. A stage of only the embedding or only the head has
+    no 1-D parameters, hence one optimizer param group fewer than the others (DeepSpeed drops empty
+    groups), and ZeRO's per-group grad-norm all-reduce across stages then deadlocks."""
+    for s in range(len(parts) - 1):
+        stage = names[parts[s]:parts[s + 1]]
+        if not any(n.startswith("layers.") for n in stage):
+            raise ConfigError(
+                f"parallel.partition_method={method} gives pipeline stage {s} no decoder block "
+                f"({_join(stage)}); use parallel.partition_method=type:Block, which spreads the blocks evenly"
+            )
 
 
 def _join(names: list[str]) -> str:
@@ -65,6 +79,8 @@ class PipelinedLlama(PipelineModule):
                 # ours replays the TP RNG streams, so dropout masks match in the recomputation
                 activation_checkpoint_func=checkpoint, checkpointable_layers=[Block.__name__],
             )
+        require_block_per_stage(list(self.parts), names, p.partition_method)
+        self.partition_method = p.partition_method
         self.layer_names = names if not m.tie_embeddings else [*names[:-1], f"output (tied to {TIED})"]
         for name, child in self.named_children():
             if name.isdigit():  # DeepSpeed registers layer i as child "i"
@@ -82,7 +98,7 @@ class PipelinedLlama(PipelineModule):
                 dist.broadcast(weight.detach(), src=min(comm["ranks"]), group=comm["group"])
 
     def stage_map(self) -> str:
-        lines = [f"pipeline: {self.num_stages} stages"]
+        lines = [f"pipeline: {self.num_stages} stages, partition_method={self.partition_method}"]
         for s in range(self.num_stages):
             lines.append(f"  stage {s}: {_join(self.layer_names[self.parts[s]:self.parts[s + 1]])}")
         return "\n".join(lines)

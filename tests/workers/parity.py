@@ -1,7 +1,7 @@
 """Train several layouts in one launch (same seed, same data) and record per-step loss and grad norm.
 
 argv: OUT.json TEXT_FILE SPEC [SPEC ...],
-SPEC = "tp=2,zero=1[,pp=2][,sp][,untied][,ckpt][,layers=4][,uniform][,pckpt=K][,drop][,resume=K]"
+SPEC = "tp=2,zero=1[,pp=2][,sp][,untied][,ckpt][,layers=4][,warmup=5][,uniform|blocks][,pckpt=K][,drop][,resume=K]"
 (DP is what is left; pckpt: pipeline activation checkpointing every K layers; drop: dropout 0.1).
 ``resume=K`` saves a DeepSpeed checkpoint after K steps and trains the rest in a fresh engine loaded
 from it. Pipeline layouts also record how far the tied embedding's stage copies drifted apart.
@@ -42,8 +42,12 @@ def overrides(spec: str) -> list[str]:
             out.append("model.activation_checkpointing=true")
         elif key == "layers":
             out.append(f"model.n_layers={value}")
+        elif key == "warmup":
+            out.append(f"optim.warmup_steps={value}")
         elif key == "uniform":
             out.append("parallel.partition_method=uniform")
+        elif key == "blocks":
+            out.append("parallel.partition_method=type:Block")
         elif key == "pckpt":
             out.append(f"parallel.pipeline_checkpoint_interval={value}")
         elif key == "drop":
@@ -56,8 +60,8 @@ def overrides(spec: str) -> list[str]:
 
 
 def tied_copy_drift(trainer: Trainer) -> float | None:
-    """Largest |first-stage copy - last-stage copy| of any tied weight (None without a pipeline)."""
-    if not trainer.pipelined:
+    """Largest |first-stage copy - last-stage copy| of the tied embedding (None if there is none)."""
+    if not (trainer.pipelined and trainer.cfg.model.tie_embeddings):
         return None
     drift = torch.zeros((), dtype=torch.float64)
     for comm in trainer.engine.module.tied_comms.values():  # only ranks holding a copy have entries
