@@ -88,6 +88,10 @@ class PipelinedLlama(PipelineModule):
         for key, child in self.tied_modules.items():
             init_weights(child, key, cfg.train.seed)
 
+    def forward(self, inputs):
+        # Sequence-parallel activations leave their layers as strided views; p2p sends want them dense.
+        return super().forward(inputs).contiguous()
+
     def _synchronize_tied_weights(self) -> None:
         """DeepSpeed's copy of the tied weight from the first stage to the others (after building and
         loading), through a detached alias: broadcasting into the parameter itself makes autograd
