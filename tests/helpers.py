@@ -42,6 +42,20 @@ def run_torchrun(script: str, nproc: int, *args: str, timeout: float = 600, env:
     return proc
 
 
+def run_parity(out: Path, text: Path, specs: list[str], nproc: int = 1) -> dict:
+    """Train ``specs`` with ``workers/parity.py`` on ``nproc`` ranks (1: a plain process, the
+    single-process reference); returns its per-spec results."""
+    if nproc == 1:
+        proc = subprocess.run([sys.executable, str(WORKERS / "parity.py"), str(out), str(text), *specs],
+                              capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+    else:
+        run_torchrun("parity.py", nproc, str(out), str(text), *specs)
+    results = read_json(out)
+    assert sorted(results) == sorted(specs)
+    return results
+
+
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
 

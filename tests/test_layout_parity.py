@@ -2,12 +2,9 @@
 
 Each world size is one launch that trains all of its layouts in turn (launches dominate test time).
 """
-import subprocess
-import sys
-
 import pytest
 
-from tests.helpers import WORKERS, read_json, rel_err, run_torchrun, write_text
+from tests.helpers import rel_err, run_parity, write_text
 
 TOL = 1e-5
 
@@ -20,12 +17,8 @@ def text(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(text, tmp_path_factory):
     """The single-process run: one rank, no TP, no DP."""
-    out = tmp_path_factory.mktemp("ref") / "ref.json"
     specs = ["zero=0", "zero=1", "zero=2", "zero=3", "zero=0,untied"]
-    proc = subprocess.run([sys.executable, str(WORKERS / "parity.py"), str(out), str(text), *specs],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return read_json(out)
+    return run_parity(tmp_path_factory.mktemp("ref") / "ref.json", text, specs)
 
 
 def assert_matches(results, reference):
@@ -49,8 +42,4 @@ def test_single_process_zero_stages_agree(reference):
          "tp=2,zero=0", "tp=2,zero=1", "tp=2,zero=2", "tp=2,zero=3", "tp=4,zero=1,sp,untied", "tp=2,zero=2,sp"]),
 ])
 def test_layouts_match_single_process(world, specs, text, reference, tmp_path):
-    out = tmp_path / "results.json"
-    run_torchrun("parity.py", world, str(out), str(text), *specs)
-    results = read_json(out)
-    assert sorted(results) == sorted(specs)
-    assert_matches(results, reference)
+    assert_matches(run_parity(tmp_path / "results.json", text, specs, world), reference)

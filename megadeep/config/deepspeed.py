@@ -93,6 +93,12 @@ def precision_fragment(precision: str) -> dict:
     return _read_json(recipes_dir() / "precision" / f"{precision}.json")
 
 
+def megadeep_clips(cfg: RunConfig) -> bool:
+    """fp32 without ZeRO: megadeep clips by the global norm itself (see ``training.grad_norm``), since
+    DeepSpeed's fp32 clipping miscounts parameters under the pipeline engine."""
+    return cfg.train.precision == "fp32" and zero_stage(load_recipe(cfg.deepspeed.config)) == 0
+
+
 def compose(cfg: RunConfig) -> dict:
     """The dict handed to ``deepspeed.initialize``. ``cfg`` must be resolved (DP and accumulation known)."""
     t, o = cfg.train, cfg.optim
@@ -101,7 +107,7 @@ def compose(cfg: RunConfig) -> dict:
         train_batch_size=t.global_batch_size,
         train_micro_batch_size_per_gpu=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum_steps,
-        gradient_clipping=o.grad_clip,
+        gradient_clipping=0.0 if megadeep_clips(cfg) else o.grad_clip,
         steps_per_print=10**9,  # megadeep logs its own metrics
         wall_clock_breakdown=False,
     )
@@ -111,6 +117,11 @@ def compose(cfg: RunConfig) -> dict:
     }
     if cfg.log.comm_stats:
         ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
+    if cfg.parallel.pp > 1:
+        # The engine may send 1/TP of each activation between stages and all-gather it on arrival;
+        # that presumes activations replicated over TP, which sequence parallel ones are not.
+        sp = cfg.parallel.sequence_parallel
+        ds["pipeline"] = {**ds.get("pipeline", {}), "pipe_partitioned": not sp, "grad_partitioned": not sp}
     for block in ("offload_optimizer", "offload_param"):
         off = ds.get("zero_optimization", {}).get(block)
         if off and off.get("device") == "nvme":

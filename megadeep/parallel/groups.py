@@ -100,6 +100,10 @@ def get_tensor_model_parallel_src_rank() -> int:
     return _state().tp_ranks[0]
 
 
+def get_tensor_model_parallel_group_ranks() -> list[int]:
+    return list(_state().tp_ranks)
+
+
 # DeepSpeed's "model parallel" is our tensor parallel.
 get_model_parallel_group = get_tensor_model_parallel_group
 get_model_parallel_world_size = get_tensor_model_parallel_world_size

@@ -5,40 +5,15 @@ Who skips: DeepSpeed's ZeRO 1/2/3, bf16 and fp16 optimizers already refuse a ste
 norm is inf/NaN (``overflow``: no optimizer step, no LR-scheduler step, ``skipped_steps`` += 1). The
 norm is reduced over DP and TP, so every rank takes the same decision. A non-finite loss makes the
 gradients non-finite too, so it is covered by the same check. Only ZeRO 0 in fp32 has no wrapper and
-would step into NaN: there :func:`skip_unwrapped_update` hides the parameters from torch's Adam for
-that step (no moment, step-count or weight-decay change) and raises the same ``overflow`` flag the
-engine reads from its own wrappers, so the LR schedule and ``skipped_steps`` behave as under ZeRO.
+would step into NaN: there megadeep's own clipping hook skips it (``training.grad_norm``).
 """
 from __future__ import annotations
 
 import logging
-import math
 
 from megadeep.errors import RunAborted
 
 log = logging.getLogger("megadeep.training")
-
-
-def skip_unwrapped_update(engine, grad_norm: float) -> None:
-    """Call between the last backward and ``engine.step()`` with the global grad norm."""
-    opt = engine.optimizer
-    if opt is not engine.basic_optimizer:
-        return  # a DeepSpeed wrapper: it checks the norm itself
-    skip = not math.isfinite(grad_norm)
-    opt.overflow = skip  # read by DeepSpeedEngine._take_model_step, as for its own wrappers
-    if skip:
-        # The optimizer sees no parameters for this one step (DeepSpeed's clipping still needs the
-        # gradients, so they stay); a post-step hook gives the parameters back.
-        hidden = [group["params"] for group in opt.param_groups]
-        for group in opt.param_groups:
-            group["params"] = []
-
-        def restore(optimizer, args, kwargs):
-            for group, params in zip(optimizer.param_groups, hidden):
-                group["params"] = params
-            handle.remove()
-
-        handle = opt.register_step_post_hook(restore)
 
 
 class FaultGuard:

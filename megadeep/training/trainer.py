@@ -7,7 +7,6 @@ than once in a process (tests run several layouts in one launch).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megadeep.checkpoint.manager import CheckpointManager, TrainState
-from megadeep.config.deepspeed import compose
+from megadeep.config.deepspeed import compose, megadeep_clips
 from megadeep.config.schema import RunConfig
 from megadeep.data.loader import Loader, build_split
 from megadeep.launch.env import discover, init_distributed
@@ -30,7 +29,8 @@ from megadeep.parallel import groups
 from megadeep.parallel.layout import Layout
 from megadeep.parallel.random import seed_everything
 from megadeep.training import preemption
-from megadeep.training.guard import FaultGuard, skip_unwrapped_update
+from megadeep.training.grad_norm import ClipByGlobalNorm
+from megadeep.training.guard import FaultGuard
 from megadeep.training.optimizer import choose_adam, lr_scheduler, param_groups
 
 
@@ -40,18 +40,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def tp_aware_grad_norm(params) -> float:
-    """Global L2 grad norm counting TP-replicated parameters once (what ZeRO 1-3 report themselves)."""
-    total = torch.zeros((), dtype=torch.float64)
-    first_tp_rank = groups.get_tensor_model_parallel_rank() == 0
-    for p in params:
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or first_tp_rank):
-            total += p.grad.detach().double().pow(2).sum().cpu()
-    if groups.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(total, group=groups.get_tensor_model_parallel_group())
-    return math.sqrt(total.item())
 
 
 @dataclass
@@ -85,7 +73,8 @@ class Trainer:
         pe = discover()
         init_distributed(pe, self.device.type, cfg.train.dist_timeout_s)
         p = cfg.parallel
-        groups.initialize(Layout(tp=p.tp, dp=p.dp, pp=p.pp))
+        layout = Layout(tp=p.tp, dp=p.dp, pp=p.pp)
+        groups.initialize(layout)
         self.rank = dist.get_rank()
         rank_map = report_actual(pe.launcher)
         if rank_map and cfg.log.progress:
@@ -93,17 +82,27 @@ class Trainer:
         seed_everything(cfg.train.seed, self.device.type)
         split = build_split(cfg)  # before the model: data that does not fit the config fails first
 
-        model = Transformer(cfg.model, p.sequence_parallel).to(self.device)
-        model.init_weights(cfg.train.seed)
+        self.pipelined = p.pp > 1
+        if self.pipelined:
+            from megadeep.pipeline import PipelinedLlama, check_grid, topology
+
+            model = PipelinedLlama(cfg, topology(layout)).to(self.device)
+            check_grid(model.mpu())
+            mpu = None  # the pipeline engine takes its groups from the module's topology
+        else:
+            model = Transformer(cfg.model, p.sequence_parallel).to(self.device)
+            model.init_weights(cfg.train.seed)
+            mpu = groups
         ds_config = compose(cfg)
         adam = choose_adam(ds_config, self.device.type, cfg.deepspeed.optimizer)
         self.optimizer_name = adam.name
         o = cfg.optim
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
+        self.engine, optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, o.weight_decay), optimizer=adam.client,
-            config=ds_config, mpu=groups,
+            config=ds_config, mpu=mpu,
             lr_scheduler=lr_scheduler(cfg.train.steps, o.warmup_steps, o.lr, o.min_lr),
         )
+        self.clip = ClipByGlobalNorm(optimizer, model.parameters(), o.grad_clip) if megadeep_clips(cfg) else None
         dp_rank, dp = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
         t = cfg.train
         self.train_data = Loader(split.train, t.micro_batch_size, dp_rank, dp, t.seed)
@@ -117,6 +116,8 @@ class Trainer:
         if self.rank == 0 and cfg.log.progress:
             print(f"megadeep: {cfg.name} | layout TP={p.tp} DP={p.dp} PP={p.pp} | "
                   f"{num_params(cfg.model) / 1e6:.2f}M params | optimizer {self.optimizer_name} | device {self.device}", flush=True)
+            if self.pipelined:
+                print(model.stage_map(), flush=True)
         self.maybe_resume()
 
     def _extras(self) -> dict:
@@ -142,23 +143,23 @@ class Trainer:
         t = self.cfg.train
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]
-        losses = []
-        grad_norm = None
-        for micro in range(t.grad_accum_steps):
-            tokens, targets = (x.to(self.device) for x in next(self.train_data))
-            loss = self.engine(tokens, targets)
-            self.engine.backward(loss)
-            if micro == t.grad_accum_steps - 1 and not self.engine.zero_optimization():
-                grad_norm = tp_aware_grad_norm(self.engine.module.parameters())
-                skip_unwrapped_update(self.engine, grad_norm)
+        if self.pipelined:  # 1F1B over grad_accum_steps micro-batches; the loss comes back DP-averaged
             if after_backward is not None:
-                after_backward(micro)
-            self.engine.step()
-            losses.append(loss.detach())
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
-            grad_norm = None if grad_norm is None else float(grad_norm)
-        step_loss = self._dp_mean(torch.stack(losses).mean())
+                raise NotImplementedError("per-micro-batch hooks need the non-pipelined loop (parallel.pp=1)")
+            step_loss = self.engine.train_batch(self.train_data).item()
+        else:
+            losses = []
+            for micro in range(t.grad_accum_steps):
+                tokens, targets = (x.to(self.device) for x in next(self.train_data))
+                loss = self.engine(tokens, targets)
+                self.engine.backward(loss)
+                if after_backward is not None:
+                    after_backward(micro)
+                self.engine.step()
+                losses.append(loss.detach())
+            step_loss = self._dp_mean(torch.stack(losses).mean())
+        grad_norm = self.clip.norm if self.clip else self.engine.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
         self.step += 1
         elapsed = time.perf_counter() - start
         return StepResult(self.step, step_loss, float(lr), grad_norm,
@@ -171,8 +172,10 @@ class Trainer:
         t = self.cfg.train
         dp_rank, dp = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
         loader = Loader(self.val_data, t.micro_batch_size, dp_rank, dp, t.seed, shuffle=False)
-        self.engine.eval()
         # eval_iters global batches, whatever the layout, so validation loss is comparable across layouts
+        if self.pipelined:  # each eval_batch pulls grad_accum_steps micro-batches, returns the DP mean
+            return sum(self.engine.eval_batch(loader).item() for _ in range(t.eval_iters)) / t.eval_iters
+        self.engine.eval()
         n = t.eval_iters * t.grad_accum_steps
         losses = [self.engine(*(x.to(self.device) for x in next(loader))) for _ in range(n)]
         self.engine.train()

@@ -1,14 +1,22 @@
 """Train several layouts in one launch (same seed, same data) and record per-step loss and grad norm.
 
-argv: OUT.json TEXT_FILE SPEC [SPEC ...], SPEC = "tp=2,zero=1[,sp][,untied][,pp=2]" (DP is what is left).
+argv: OUT.json TEXT_FILE SPEC [SPEC ...],
+SPEC = "tp=2,zero=1[,pp=2][,sp][,untied][,ckpt][,layers=4][,warmup=5][,uniform|blocks][,pckpt=K][,drop][,resume=K]"
+(DP is what is left; pckpt: pipeline activation checkpointing every K layers; drop: dropout 0.1).
+``resume=K`` saves a DeepSpeed checkpoint after K steps and trains the rest in a fresh engine loaded
+from it. Pipeline layouts also record how far the tied embedding's stage copies drifted apart.
 Used as a plain single process (the reference) or under torchrun.
 """
 import json
 import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from megadeep.config import load_config, resolve
 from megadeep.launch.env import discover
-from megadeep.training.trainer import train
+from megadeep.training.trainer import Trainer
 
 TINY = [
     "model.vocab_size=256", "model.dim=64", "model.n_layers=2", "model.n_heads=8", "model.n_kv_heads=4",
@@ -32,9 +40,53 @@ def overrides(spec: str) -> list[str]:
             out.append("model.tie_embeddings=false")
         elif key == "ckpt":
             out.append("model.activation_checkpointing=true")
+        elif key == "layers":
+            out.append(f"model.n_layers={value}")
+        elif key == "warmup":
+            out.append(f"optim.warmup_steps={value}")
+        elif key == "uniform":
+            out.append("parallel.partition_method=uniform")
+        elif key == "blocks":
+            out.append("parallel.partition_method=type:Block")
+        elif key == "pckpt":
+            out.append(f"parallel.pipeline_checkpoint_interval={value}")
+        elif key == "drop":
+            out += ["model.dropout=0.1", "model.attention_dropout=0.1"]
+        elif key == "resume":
+            pass  # not a config key: see train_layout
         else:
             raise SystemExit(f"bad spec item {item}")
     return out
+
+
+def tied_copy_drift(trainer: Trainer) -> float | None:
+    """Largest |first-stage copy - last-stage copy| of the tied embedding (None if there is none)."""
+    if not (trainer.pipelined and trainer.cfg.model.tie_embeddings):
+        return None
+    drift = torch.zeros((), dtype=torch.float64)
+    for comm in trainer.engine.module.tied_comms.values():  # only ranks holding a copy have entries
+        for weight in (p.detach() for p in comm["module"].parameters()):
+            copies = [torch.empty_like(weight) for _ in comm["ranks"]]
+            dist.all_gather(copies, weight, group=comm["group"])
+            drift = torch.maximum(drift, (copies[0] - copies[-1]).abs().max().double())
+    dist.all_reduce(drift, op=dist.ReduceOp.MAX)
+    return drift.item()
+
+
+def train_layout(cfg, resume_at: int, ckpt_dir: Path):
+    trainer = Trainer(cfg)
+    history = []
+    if resume_at:
+        history = [trainer.train_step() for _ in range(resume_at)]
+        trainer.engine.save_checkpoint(str(ckpt_dir), tag="resume")
+        trainer.close()
+        trainer = Trainer(cfg)
+        trainer.engine.load_checkpoint(str(ckpt_dir), tag="resume")
+        trainer.step, trainer.train_data.consumed = resume_at, resume_at * cfg.train.global_batch_size
+    summary = trainer.run()
+    drift = tied_copy_drift(trainer)
+    trainer.close()
+    return history + summary.history, summary.val_losses, drift
 
 
 def main():
@@ -43,10 +95,14 @@ def main():
     results = {}
     for spec in specs:
         cfg = resolve(load_config(None, TINY + [f"data.paths=[{text}]"] + overrides(spec)), world)
-        summary = train(cfg)
+        resume_at = int(dict(item.partition("=")[::2] for item in spec.split(",")).get("resume", 0))
+        ckpt_dir = Path(out_path).parent / f"checkpoint-{spec.replace(',', '_').replace('=', '')}"
+        history, val_losses, drift = train_layout(cfg, resume_at, ckpt_dir)
         results[spec] = {
-            "loss": [r.loss for r in summary.history],
-            "grad_norm": [r.grad_norm for r in summary.history],
+            "loss": [r.loss for r in history],
+            "grad_norm": [r.grad_norm for r in history],
+            "val_loss": [v for _, v in val_losses],
+            "tied_drift": drift,
         }
     if discover().rank == 0:
         with open(out_path, "w") as f:

@@ -1,0 +1,108 @@
+"""The Llama decoder as a sequence of DeepSpeed layer specs, cut into pipeline stages.
+
+The layers are the classes of :mod:`megadeep.model.llama`, not a second model: token embedding,
+N blocks, final norm, LM head. With tied embeddings the head *is* the embedding module
+(``TiedLayerSpec``): the first and the last stage each hold a copy, and the engine sums the two
+gradients before every step so the copies stay equal.
+
+Each built layer is then initialised under its canonical name (``tok_embeddings``, ``layers.i``,
+``norm``, ``output``), so a stage holds exactly the weights of the single-process model.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from functools import partial
+
+import deepspeed.comm as dist
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+from megadeep import ops
+from megadeep.config.schema import ModelConfig, RunConfig
+from megadeep.errors import ConfigError
+from megadeep.model.llama import Block, OutputHead, RMSNorm, TokenEmbedding, init_weights, lm_loss, tied_logits
+from megadeep.parallel.random import checkpoint
+
+TIED = "tok_embeddings"  # the tie key is the embedding's canonical name
+
+
+def layer_specs(cfg: ModelConfig, sequence_parallel: bool) -> tuple[list[LayerSpec], list[str]]:
+    """The specs in forward order and the canonical name of each."""
+    sp, fused = sequence_parallel, ops.use_fused(cfg.fused_kernels)
+    if cfg.tie_embeddings:
+        embed = TiedLayerSpec(TIED, TokenEmbedding, cfg, sp)
+        head = TiedLayerSpec(TIED, TokenEmbedding, cfg, sp, forward_fn=tied_logits)
+    else:
+        embed, head = LayerSpec(TokenEmbedding, cfg, sp), LayerSpec(OutputHead, cfg, sp)
+    blocks = [LayerSpec(Block, cfg, i, sp, fused) for i in range(cfg.n_layers)]
+    specs = [embed, *blocks, LayerSpec(RMSNorm, cfg.dim, cfg.norm_eps, sp, fused), head]
+    names = [TIED, *(f"layers.{i}" for i in range(cfg.n_layers)), "norm", "output"]
+    return specs, names
+
+
+def require_block_per_stage(parts: list[int], names: list[str], method: str) -> None:
+    """Every stage must hold a decoder block. A stage of only the embedding or only the head has
+    no 1-D parameters, hence one optimizer param group fewer than the others (DeepSpeed drops empty
+    groups), and ZeRO's per-group grad-norm all-reduce across stages then deadlocks."""
+    for s in range(len(parts) - 1):
+        stage = names[parts[s]:parts[s + 1]]
+        if not any(n.startswith("layers.") for n in stage):
+            raise ConfigError(
+                f"parallel.partition_method={method} gives pipeline stage {s} no decoder block "
+                f"({_join(stage)}); use parallel.partition_method=type:Block, which spreads the blocks evenly"
+            )
+
+
+def _join(names: list[str]) -> str:
+    """``tok_embeddings, layers.0, layers.1, layers.2`` → ``tok_embeddings, layers.0-2``."""
+    out: list[str] = []
+    for name in names:
+        if name.startswith("layers.") and out and out[-1].startswith("layers."):
+            out[-1] = f"{out[-1].split('-')[0]}-{name.split('.')[1]}"
+        else:
+            out.append(name)
+    return ", ".join(out) or "(nothing)"
+
+
+class PipelinedLlama(PipelineModule):
+    """This rank's stage of the Llama decoder, trained by DeepSpeed's 1F1B pipeline engine."""
+
+    def __init__(self, cfg: RunConfig, topology):
+        p, m = cfg.parallel, cfg.model
+        specs, names = layer_specs(m, p.sequence_parallel)
+        # DeepSpeed prints its own partition table of class names on rank 0; stage_map() names layers.
+        with contextlib.redirect_stdout(io.StringIO()):
+            super().__init__(
+                specs, topology=topology, loss_fn=partial(lm_loss, vocab_size=m.vocab_size),
+                partition_method=p.partition_method,
+                activation_checkpoint_interval=p.pipeline_checkpoint_interval,
+                # ours replays the TP RNG streams, so dropout masks match in the recomputation
+                activation_checkpoint_func=checkpoint, checkpointable_layers=[Block.__name__],
+            )
+        require_block_per_stage(list(self.parts), names, p.partition_method)
+        self.partition_method = p.partition_method
+        self.layer_names = names if not m.tie_embeddings else [*names[:-1], f"output (tied to {TIED})"]
+        for name, child in self.named_children():
+            if name.isdigit():  # DeepSpeed registers layer i as child "i"
+                init_weights(child, names[int(name)], cfg.train.seed)
+        for key, child in self.tied_modules.items():
+            init_weights(child, key, cfg.train.seed)
+
+    def forward(self, inputs):
+        # Sequence-parallel activations leave their layers as strided views; p2p sends want them dense.
+        return super().forward(inputs).contiguous()
+
+    def _synchronize_tied_weights(self) -> None:
+        """DeepSpeed's copy of the tied weight from the first stage to the others (after building and
+        loading), through a detached alias: broadcasting into the parameter itself makes autograd
+        attach a hook that warns about the broadcast on every backward."""
+        for comm in self.tied_comms.values():
+            for attr in comm["weight_attr"]:
+                weight = self._recursive_getattr(comm["module"], attr)
+                dist.broadcast(weight.detach(), src=min(comm["ranks"]), group=comm["group"])
+
+    def stage_map(self) -> str:
+        lines = [f"pipeline: {self.num_stages} stages, partition_method={self.partition_method}"]
+        for s in range(self.num_stages):
+            lines.append(f"  stage {s}: {_join(self.layer_names[self.parts[s]:self.parts[s + 1]])}")
+        return "\n".join(lines)

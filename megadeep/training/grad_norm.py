@@ -1,0 +1,71 @@
+"""The global gradient norm of a DP×TP×PP model, and clipping by it when megadeep owns clipping.
+
+With fp32 and no ZeRO, DeepSpeed clips with ``mpu.get_model_parallel_group()``; under the pipeline
+engine that is the whole TP×PP replica and its rank 0 alone counts TP-replicated parameters, so the
+norms of later stages are dropped and the tied embedding is counted twice. megadeep therefore turns
+DeepSpeed's clipping off there (``config.deepspeed.megadeep_clips``) and clips in an optimizer
+pre-step hook, for every layout alike.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megadeep.parallel import groups
+
+
+def global_grad_norm(params) -> float:
+    """L2 norm of the full model's gradient, as the single-process model computes it.
+
+    Each value is counted once: a TP-replicated parameter on TP rank 0 only, a pipeline-tied copy
+    only where DeepSpeed did not mark it ``ds_pipe_replicated``; the sum runs over TP and PP.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    first_tp_rank = groups.get_tensor_model_parallel_rank() == 0
+    for p in params:
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+            continue
+        if getattr(p, "tensor_model_parallel", False) or first_tp_rank:
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    if groups.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=groups.get_tensor_model_parallel_group())
+    if groups.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=groups.get_pipeline_model_parallel_group())
+    return math.sqrt(total.item())
+
+
+class ClipByGlobalNorm:
+    """Optimizer pre-step hook: measure the global norm of the (DP-reduced) gradients and clip them
+    to ``max_norm`` (0: measure only). ``norm`` holds the last measurement.
+
+    A non-finite norm skips the update instead: this optimizer is DeepSpeed's unwrapped one (fp32,
+    ZeRO 0), which has no overflow check of its own. The parameters are hidden from it for that one
+    step (no moment, step-count or weight-decay change) and ``overflow`` is raised, the flag
+    DeepSpeed's engine reads from its own wrappers, so the LR schedule and ``skipped_steps`` behave
+    as under ZeRO.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params, max_norm: float):
+        self.params, self.max_norm = list(params), max_norm
+        self.norm: float | None = None
+        optimizer.register_step_pre_hook(self)
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        self.norm = global_grad_norm(self.params)
+        optimizer.overflow = not math.isfinite(self.norm)
+        if optimizer.overflow:
+            hidden = [group["params"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["params"] = []
+
+            def restore(opt, args, kwargs):
+                for group, params in zip(opt.param_groups, hidden):
+                    group["params"] = params
+                handle.remove()
+
+            handle = optimizer.register_step_post_hook(restore)
+        elif self.max_norm > 0:
+            grads = [p for p in self.params if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(grads, self.max_norm, torch.tensor(self.norm))
