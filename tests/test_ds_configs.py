@@ -50,7 +50,7 @@ def nvme_unavailable_reason() -> str:
 def test_recipe_composes_into_a_valid_deepspeed_config(recipe, precision):
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    cfg = resolve(load_config(None, [f"deepspeed.config={recipe}", "deepspeed.nvme_path=/tmp/nvme",
+    cfg = resolve(load_config(None, ["data.corpus=shakespeare", f"deepspeed.config={recipe}", "deepspeed.nvme_path=/tmp/nvme",
                                      f"train.precision={precision}"]), 1)
     ds = DeepSpeedConfig(compose(cfg))  # DeepSpeed's own parser: unknown zero/offload keys raise
     assert ds.zero_config.stage == zero_stage(load_recipe(recipe))

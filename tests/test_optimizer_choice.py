@@ -17,8 +17,11 @@ class FakeApexAdam(torch.optim.Optimizer):
         self.adam_w_mode = adam_w_mode
 
 
+NEEDED = ["data.corpus=shakespeare"]  # resolve() wants some training data named
+
+
 def ds_config(recipe: str, *overrides: str) -> dict:
-    return compose(resolve(load_config(None, [f"deepspeed.config={recipe}", *overrides]), 1))
+    return compose(resolve(load_config(None, [*NEEDED, f"deepspeed.config={recipe}", *overrides]), 1))
 
 
 @pytest.fixture
@@ -92,7 +95,7 @@ def test_deepspeed_builds_what_we_log(recipe, device, expected, apex):
 ])
 def test_impossible_choices_refused_before_launch(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        resolve(load_config(None, overrides), 1)
+        resolve(load_config(None, [*NEEDED, *overrides]), 1)
 
 
 def test_explicit_choice_needs_what_it_names(apex):
