@@ -1,22 +1,50 @@
 """Normalisation and activation ops, with megadeep's fused csrc kernels when they are built.
 
 The model calls :func:`rms_norm` and :func:`swiglu`; whether they run fused kernels or plain PyTorch
-is decided once per model by :func:`use_fused`.
+is decided once per model by :func:`use_fused`. A fused op whose kernel does not take a tensor's
+device or dtype runs plain PyTorch, and says so once.
 """
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 
+from megadeep.ops import fused as _fused
+
+
+@functools.cache
+def _say_fallback(reason: str) -> None:
+    warnings.warn(f"megadeep: {reason}; RMSNorm and SwiGLU run in plain PyTorch", RuntimeWarning, stacklevel=3)
+
 
 def use_fused(mode: str) -> bool:
     """``auto``: fused when the extension is built; ``on``: require it; ``off``: plain PyTorch."""
-    if mode == "on":
-        raise RuntimeError("model.fused_kernels=on but megadeep's csrc extension is not built")
-    return False
+    if mode == "off":
+        return False
+    ok, why = _fused.load()
+    if not ok and mode == "on":
+        raise RuntimeError(
+            f"model.fused_kernels=on but megadeep's csrc kernels cannot be used: {why}. Build them with "
+            "`pip install --no-build-isolation -e .` (scripts/setup.sh does), or set model.fused_kernels=auto"
+        )
+    if not ok:
+        _say_fallback(why)
+    return ok
+
+
+def _runs_fused(fused: bool, t: torch.Tensor) -> bool:
+    if fused and not _fused.supports(t):
+        _say_fallback(f"no fused kernel for {t.dtype} on {t.device.type} in this build")
+        return False
+    return fused
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = False) -> torch.Tensor:
+    if _runs_fused(fused, x):
+        return _fused.RMSNormFunction.apply(x, weight, eps)
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight.float()).to(x.dtype)
@@ -24,5 +52,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = Fa
 
 def swiglu(gate_up: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """``silu(gate) · up`` on the fused ``[..., gate | up]`` layout."""
+    if _runs_fused(fused, gate_up):
+        return _fused.SwiGLUFunction.apply(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -1,6 +1,6 @@
 """Train several layouts in one launch (same seed, same data) and record per-step loss and grad norm.
 
-argv: OUT.json TEXT_FILE SPEC [SPEC ...], SPEC = "tp=2,zero=1[,sp][,untied][,pp=2]" (DP is what is left).
+argv: OUT.json TEXT_FILE SPEC [SPEC ...], SPEC = "tp=2,zero=1[,sp][,untied][,pp=2][,fused=on|off]" (DP is what is left).
 Used as a plain single process (the reference) or under torchrun.
 """
 import json
@@ -30,6 +30,8 @@ def overrides(spec: str) -> list[str]:
             out.append("parallel.sequence_parallel=true")
         elif key == "untied":
             out.append("model.tie_embeddings=false")
+        elif key == "fused":
+            out.append(f"model.fused_kernels={value}")
         elif key == "ckpt":
             out.append("model.activation_checkpointing=true")
         else:
