@@ -10,6 +10,8 @@ TORCH_LIBRARY(megadeep, m) {
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor dx, Tensor dweight)");
   m.def("swiglu_fwd(Tensor gate_up) -> Tensor");
   m.def("swiglu_bwd(Tensor dout, Tensor gate_up) -> Tensor");
+  // The same, with d(gate | up) written over gate_up.
+  m.def("swiglu_bwd_(Tensor dout, Tensor(a!) gate_up) -> ()");
   m.def("cuda_built() -> bool", []() -> bool {
 #ifdef MEGADEEP_WITH_CUDA
     return true;

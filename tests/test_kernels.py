@@ -73,6 +73,30 @@ def test_swiglu_fp32_matches_float64(rows, hidden):
     assert rel_err(d, d_ref) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_gradient_in_place(dtype):
+    """grad_in_place gives the same gradient, written over the intermediate gate_up; misuse is refused."""
+    g = torch.Generator().manual_seed(4)
+    leaf = torch.randn(37, 2 * 131, generator=g).to(dtype).requires_grad_()  # vector body + scalar tail
+    dout = torch.randn(37, 131, generator=g).to(dtype)
+    out, (want,) = grads(lambda t: ops.swiglu(t, fused=True), leaf, dout=dout)
+    for make in (lambda: leaf * 1, lambda: (leaf.t() * 1).t()):
+        leaf.grad = None
+        gate_up = make()  # an intermediate, contiguous or not
+        got = ops.swiglu(gate_up, fused=True, grad_in_place=True)
+        got.backward(dout)
+        assert torch.equal(got, out) and torch.equal(leaf.grad, want)
+        if gate_up.is_contiguous():
+            assert torch.equal(gate_up.detach(), want)  # its memory now holds the gradient
+    gate_up = leaf * 1
+    got = ops.swiglu(gate_up, fused=True, grad_in_place=True)
+    got.backward(dout, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        got.backward(dout)
+    with pytest.raises(ValueError, match="overwrite a leaf"):
+        ops.swiglu(leaf, fused=True, grad_in_place=True)
+
+
 def test_gradcheck_through_the_fp64_kernels():
     """gradcheck in float64 runs the kernels' fp64 instantiation (the same template as fp32/bf16)."""
     g = torch.Generator().manual_seed(0)
@@ -169,6 +193,7 @@ def test_fake_kernels_match_the_real_ones():
         (torch.ops.megadeep.rms_norm_bwd.default, (torch.randn_like(x), x, w, rstd)),
         (torch.ops.megadeep.swiglu_fwd.default, (gu,)),
         (torch.ops.megadeep.swiglu_bwd.default, (torch.randn(5, 6), gu)),
+        (torch.ops.megadeep.swiglu_bwd_.default, (torch.randn(5, 6), gu.clone())),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 

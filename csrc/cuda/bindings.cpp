@@ -72,17 +72,24 @@ at::Tensor swiglu_fwd(const at::Tensor& gate_up) {
   return out;
 }
 
-at::Tensor swiglu_bwd(const at::Tensor& dout, const at::Tensor& gate_up) {
+// dgate_up may be gate_up itself (swiglu_bwd_): each thread reads its pack before writing it.
+void swiglu_bwd_into(const at::Tensor& dout, const at::Tensor& gate_up, const at::Tensor& dgate_up) {
   const auto [rows, width] = check_swiglu(gate_up);
   check_grad(dout, half_last(gate_up), gate_up, "swiglu backward");
   const DType dtype = dtype_of(gate_up);
   const c10::cuda::CUDAGuard guard(gate_up.device());
-  at::Tensor dgate_up = at::empty_like(gate_up);
   check_launch(cuda::swiglu_bwd(dtype, dout.const_data_ptr(), gate_up.const_data_ptr(), dgate_up.mutable_data_ptr(),
                                 rows, width, at::cuda::getCurrentCUDAStream()),
                "swiglu backward");
+}
+
+at::Tensor swiglu_bwd(const at::Tensor& dout, const at::Tensor& gate_up) {
+  at::Tensor dgate_up = at::empty_like(gate_up);
+  swiglu_bwd_into(dout, gate_up, dgate_up);
   return dgate_up;
 }
+
+void swiglu_bwd_(const at::Tensor& dout, const at::Tensor& gate_up) { swiglu_bwd_into(dout, gate_up, gate_up); }
 
 }  // namespace
 
@@ -91,6 +98,7 @@ TORCH_LIBRARY_IMPL(megadeep, CUDA, m) {
   m.impl("rms_norm_bwd", &rms_norm_bwd);
   m.impl("swiglu_fwd", &swiglu_fwd);
   m.impl("swiglu_bwd", &swiglu_bwd);
+  m.impl("swiglu_bwd_", &swiglu_bwd_);
 }
 
 }  // namespace megadeep::cuda

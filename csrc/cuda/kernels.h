@@ -23,7 +23,7 @@ int64_t rms_norm_bwd_partials(int64_t rows);
 cudaError_t rms_norm_bwd(DType dtype, const void* dy, const void* x, const float* w, const float* rstd, void* dx,
                          float* partial, float* dw, int64_t rows, int64_t hidden, cudaStream_t stream);
 
-// gate_up: rows × 2·width ([gate | up]); out: rows × width; dgate_up like gate_up.
+// gate_up: rows × 2·width ([gate | up]); out: rows × width; dgate_up like gate_up, and may be gate_up.
 cudaError_t swiglu_fwd(DType dtype, const void* gate_up, void* out, int64_t rows, int64_t width, cudaStream_t stream);
 cudaError_t swiglu_bwd(DType dtype, const void* dout, const void* gate_up, void* dgate_up, int64_t rows,
                        int64_t width, cudaStream_t stream);

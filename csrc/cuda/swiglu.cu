@@ -32,9 +32,10 @@ __global__ void swiglu_fwd_kernel(const T* __restrict__ gate_up, T* __restrict__
   });
 }
 
+// dgate_up may alias gate_up (no __restrict__ on them): each pack is loaded before it is stored.
 template <typename T, int N>
-__global__ void swiglu_bwd_kernel(const T* __restrict__ dout, const T* __restrict__ gate_up, T* __restrict__ dgate_up,
-                                  int64_t rows, int64_t width) {
+__global__ void swiglu_bwd_kernel(const T* __restrict__ dout, const T* gate_up, T* dgate_up, int64_t rows,
+                                  int64_t width) {
   for_each_pack<N>(rows, width, [&](int64_t r, int64_t c) {
     const T* g = gate_up + r * 2 * width + c;
     T* dg = dgate_up + r * 2 * width + c;

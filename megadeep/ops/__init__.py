@@ -50,9 +50,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = Fa
     return (y * weight.float()).to(x.dtype)
 
 
-def swiglu(gate_up: torch.Tensor, fused: bool = False) -> torch.Tensor:
-    """``silu(gate) · up`` on the fused ``[..., gate | up]`` layout."""
+def swiglu(gate_up: torch.Tensor, fused: bool = False, grad_in_place: bool = False) -> torch.Tensor:
+    """``silu(gate) · up`` on the fused ``[..., gate | up]`` layout.
+
+    ``grad_in_place``: the fused backward writes d(gate | up) over gate_up's memory instead of a new
+    tensor (as large as the FFN's biggest activation). Only for callers whose gate_up is read by
+    nothing after this op's backward, like the model's FFN; a leaf is refused (its data would be lost).
+    """
     if _runs_fused(fused, gate_up):
-        return _fused.SwiGLUFunction.apply(gate_up)
+        if grad_in_place and gate_up.is_leaf and gate_up.requires_grad:
+            raise ValueError("swiglu(grad_in_place=True) would overwrite a leaf tensor with its own gradient")
+        return _fused.SwiGLUFunction.apply(gate_up, grad_in_place)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -65,6 +65,10 @@ def _register_fakes() -> None:
     def _(dout, gate_up):
         return torch.empty_like(gate_up)
 
+    @torch.library.register_fake("megadeep::swiglu_bwd_")
+    def _(dout, gate_up):
+        return None
+
 
 class RMSNormFunction(torch.autograd.Function):
     """y = x · rsqrt(mean(x²) + eps) · w; saves x and the per-row rstd, not the normalised x."""
@@ -84,15 +88,23 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """silu(gate) · up on ``[..., gate | up]``; the gradient comes back in the same fused layout."""
+    """silu(gate) · up on ``[..., gate | up]``; the gradient comes back in the same fused layout,
+    written over gate_up itself when ``grad_in_place`` (see :func:`megadeep.ops.swiglu`)."""
 
     @staticmethod
-    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gate_up: torch.Tensor, grad_in_place: bool = False) -> torch.Tensor:
         gate_up = gate_up.contiguous()
         ctx.save_for_backward(gate_up)
+        ctx.grad_in_place = grad_in_place
         return torch.ops.megadeep.swiglu_fwd(gate_up)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         (gate_up,) = ctx.saved_tensors
-        return torch.ops.megadeep.swiglu_bwd(dout.contiguous(), gate_up)
+        if ctx.grad_in_place:
+            torch.ops.megadeep.swiglu_bwd_(dout.contiguous(), gate_up)
+            # Custom ops do not bump the version counter themselves: with it bumped, a second backward
+            # through this node (retain_graph) fails autograd's saved-tensor check instead of using garbage.
+            torch.autograd.graph.increment_version(gate_up)
+            return gate_up, None
+        return torch.ops.megadeep.swiglu_bwd(dout.contiguous(), gate_up), None
