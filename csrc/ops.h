@@ -1,9 +1,12 @@
-// The checks every backend applies before running a kernel, so CPU and CUDA refuse the same inputs
-// with the same message. Kernels need contiguous rows; megadeep.ops makes inputs contiguous.
+// What every backend does around its kernels: the same checks (so CPU and CUDA refuse the same inputs
+// with the same message) and the same outputs. Kernels need contiguous rows; megadeep.ops makes
+// inputs contiguous.
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <vector>
@@ -56,6 +59,50 @@ inline void check_rstd(const at::Tensor& rstd, const at::Tensor& x, int64_t rows
   const auto acc = at::toOpMathType(x.scalar_type());
   TORCH_CHECK(rstd.scalar_type() == acc && rstd.numel() == rows && rstd.is_contiguous() && rstd.device() == x.device(),
               "rms_norm backward: rstd must be the forward's contiguous ", acc, " row statistics");
+}
+
+// An rms_norm kernel's operands: checked sizes, the weight in the accumulation dtype (float, or
+// double for fp64) and the outputs, allocated. The weight gradient goes back as dw.to(weight dtype).
+struct RmsNormFwd {
+  int64_t rows, hidden;
+  at::Tensor w, y, rstd;
+};
+
+inline RmsNormFwd rms_norm_fwd_setup(const at::Tensor& x, const at::Tensor& weight) {
+  const auto [rows, hidden] = check_rms_norm(x, weight);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  return {rows, hidden, weight.to(acc).contiguous(), at::empty_like(x),
+          at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(acc))};
+}
+
+struct RmsNormBwd {
+  int64_t rows, hidden;
+  at::Tensor w, dx, dw;
+};
+
+inline RmsNormBwd rms_norm_bwd_setup(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& rstd) {
+  const auto [rows, hidden] = check_rms_norm(x, weight);
+  check_grad(dy, x.sizes(), x, "rms_norm backward");
+  check_rstd(rstd, x, rows);
+  const auto acc = rstd.scalar_type();
+  return {rows, hidden, weight.to(acc).contiguous(), at::empty_like(x), at::empty({hidden}, x.options().dtype(acc))};
+}
+
+// The two swiglu backward ops over a backend's into(dout, gate_up, dgate_up): into a new tensor
+// (swiglu_bwd) or over gate_up itself (swiglu_bwd_).
+using SwigluBwdInto = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+template <SwigluBwdInto into>
+at::Tensor swiglu_bwd_new(const at::Tensor& dout, const at::Tensor& gate_up) {
+  at::Tensor dgate_up = at::empty_like(gate_up);
+  into(dout, gate_up, dgate_up);
+  return dgate_up;
+}
+
+template <SwigluBwdInto into>
+void swiglu_bwd_inplace(const at::Tensor& dout, const at::Tensor& gate_up) {
+  into(dout, gate_up, gate_up);
 }
 
 }  // namespace megadeep

@@ -5,8 +5,6 @@
 // block of rows; blocks are fixed by the row count alone and summed in block order, so dw is the same
 // on every run and for any thread count.
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <memory>
@@ -123,35 +121,26 @@ void rms_norm_bwd_kernel(const T* dy, const T* x, const A* w, const A* rstd, T* 
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const auto [rows, hidden] = check_rms_norm(x, weight);
-  const auto acc = at::toOpMathType(x.scalar_type());
-  const at::Tensor w = weight.to(acc).contiguous();
-  at::Tensor y = at::empty_like(x);
-  at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(acc));
+  const RmsNormFwd o = rms_norm_fwd_setup(x, weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "megadeep::rms_norm_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    rms_norm_fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<A>(), y.mutable_data_ptr<scalar_t>(),
-                                  rstd.mutable_data_ptr<A>(), rows, hidden, static_cast<A>(eps));
+    rms_norm_fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), o.w.const_data_ptr<A>(),
+                                  o.y.mutable_data_ptr<scalar_t>(), o.rstd.mutable_data_ptr<A>(), o.rows, o.hidden,
+                                  static_cast<A>(eps));
   });
-  return {y, rstd};
+  return {o.y, o.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                                 const at::Tensor& rstd) {
-  const auto [rows, hidden] = check_rms_norm(x, weight);
-  check_grad(dy, x.sizes(), x, "rms_norm backward");
-  check_rstd(rstd, x, rows);
-  const auto acc = rstd.scalar_type();
-  const at::Tensor w = weight.to(acc).contiguous();
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dw = at::empty({hidden}, x.options().dtype(acc));
+  const RmsNormBwd o = rms_norm_bwd_setup(dy, x, weight, rstd);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "megadeep::rms_norm_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
-    rms_norm_bwd_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w.const_data_ptr<A>(),
-                                  rstd.const_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>(), dw.mutable_data_ptr<A>(),
-                                  rows, hidden);
+    rms_norm_bwd_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), o.w.const_data_ptr<A>(),
+                                  rstd.const_data_ptr<A>(), o.dx.mutable_data_ptr<scalar_t>(),
+                                  o.dw.mutable_data_ptr<A>(), o.rows, o.hidden);
   });
-  return {dx, dw.to(weight.scalar_type())};
+  return {o.dx, o.dw.to(weight.scalar_type())};
 }
 
 }  // namespace

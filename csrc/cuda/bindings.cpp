@@ -1,16 +1,17 @@
 // Binds the torch-free CUDA launchers (kernels.h) to tensors for torch.ops.megadeep. Compiled only when
 // torch has CUDA. Weights are handed to the kernels in fp32 and dw comes back in the weight's dtype.
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../ops.h"
 #include "kernels.h"
 
-namespace megadeep::cuda {
+// The bindings live outside megadeep::cuda so that their names do not overload the launchers'.
+namespace megadeep {
 namespace {
+
+using cuda::DType;
 
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -30,35 +31,28 @@ void check_launch(cudaError_t status, const char* what) {
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const auto [rows, hidden] = check_rms_norm(x, weight);
   const DType dtype = dtype_of(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty_like(x);
-  at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
-  check_launch(cuda::rms_norm_fwd(dtype, x.const_data_ptr(), w.const_data_ptr<float>(), y.mutable_data_ptr(),
-                                  rstd.mutable_data_ptr<float>(), rows, hidden, static_cast<float>(eps),
-                                  at::cuda::getCurrentCUDAStream()),
+  const RmsNormFwd o = rms_norm_fwd_setup(x, weight);
+  check_launch(cuda::rms_norm_fwd(dtype, x.const_data_ptr(), o.w.const_data_ptr<float>(), o.y.mutable_data_ptr(),
+                                  o.rstd.mutable_data_ptr<float>(), o.rows, o.hidden, static_cast<float>(eps),
+                                  c10::cuda::getCurrentCUDAStream()),
                "rms_norm forward");
-  return {y, rstd};
+  return {o.y, o.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                                 const at::Tensor& rstd) {
-  const auto [rows, hidden] = check_rms_norm(x, weight);
-  check_grad(dy, x.sizes(), x, "rms_norm backward");
-  check_rstd(rstd, x, rows);
   const DType dtype = dtype_of(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dw = at::empty({hidden}, x.options().dtype(at::kFloat));
-  at::Tensor partial = at::empty({cuda::rms_norm_bwd_partials(rows), hidden}, x.options().dtype(at::kFloat));
-  check_launch(cuda::rms_norm_bwd(dtype, dy.const_data_ptr(), x.const_data_ptr(), w.const_data_ptr<float>(),
-                                  rstd.const_data_ptr<float>(), dx.mutable_data_ptr(), partial.mutable_data_ptr<float>(),
-                                  dw.mutable_data_ptr<float>(), rows, hidden, at::cuda::getCurrentCUDAStream()),
+  const RmsNormBwd o = rms_norm_bwd_setup(dy, x, weight, rstd);
+  at::Tensor partial = at::empty({cuda::rms_norm_bwd_partials(o.rows), o.hidden}, x.options().dtype(at::kFloat));
+  check_launch(cuda::rms_norm_bwd(dtype, dy.const_data_ptr(), x.const_data_ptr(), o.w.const_data_ptr<float>(),
+                                  rstd.const_data_ptr<float>(), o.dx.mutable_data_ptr(),
+                                  partial.mutable_data_ptr<float>(), o.dw.mutable_data_ptr<float>(), o.rows, o.hidden,
+                                  c10::cuda::getCurrentCUDAStream()),
                "rms_norm backward (hidden sizes whose fp32 row exceeds the GPU's shared memory are not supported)");
-  return {dx, dw.to(weight.scalar_type())};
+  return {o.dx, o.dw.to(weight.scalar_type())};
 }
 
 at::Tensor swiglu_fwd(const at::Tensor& gate_up) {
@@ -67,7 +61,7 @@ at::Tensor swiglu_fwd(const at::Tensor& gate_up) {
   const c10::cuda::CUDAGuard guard(gate_up.device());
   at::Tensor out = at::empty(half_last(gate_up), gate_up.options());
   check_launch(cuda::swiglu_fwd(dtype, gate_up.const_data_ptr(), out.mutable_data_ptr(), rows, width,
-                                at::cuda::getCurrentCUDAStream()),
+                                c10::cuda::getCurrentCUDAStream()),
                "swiglu forward");
   return out;
 }
@@ -79,17 +73,9 @@ void swiglu_bwd_into(const at::Tensor& dout, const at::Tensor& gate_up, const at
   const DType dtype = dtype_of(gate_up);
   const c10::cuda::CUDAGuard guard(gate_up.device());
   check_launch(cuda::swiglu_bwd(dtype, dout.const_data_ptr(), gate_up.const_data_ptr(), dgate_up.mutable_data_ptr(),
-                                rows, width, at::cuda::getCurrentCUDAStream()),
+                                rows, width, c10::cuda::getCurrentCUDAStream()),
                "swiglu backward");
 }
-
-at::Tensor swiglu_bwd(const at::Tensor& dout, const at::Tensor& gate_up) {
-  at::Tensor dgate_up = at::empty_like(gate_up);
-  swiglu_bwd_into(dout, gate_up, dgate_up);
-  return dgate_up;
-}
-
-void swiglu_bwd_(const at::Tensor& dout, const at::Tensor& gate_up) { swiglu_bwd_into(dout, gate_up, gate_up); }
 
 }  // namespace
 
@@ -97,8 +83,8 @@ TORCH_LIBRARY_IMPL(megadeep, CUDA, m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
   m.impl("swiglu_fwd", &swiglu_fwd);
-  m.impl("swiglu_bwd", &swiglu_bwd);
-  m.impl("swiglu_bwd_", &swiglu_bwd_);
+  m.impl("swiglu_bwd", &swiglu_bwd_new<swiglu_bwd_into>);
+  m.impl("swiglu_bwd_", &swiglu_bwd_inplace<swiglu_bwd_into>);
 }
 
-}  // namespace megadeep::cuda
+}  // namespace megadeep
