@@ -37,6 +37,7 @@ INVALID = [
     (["optim.min_lr=1.0"], 4, "optim.min_lr"),
     (["model.dimm=3"], 4, "unknown config key 'model.dimm'"),
     (["model.dim=big"], 4, "model.dim must be an integer"),
+    (["parallel.sequence_parallel=yes"], 4, "parallel.sequence_parallel must be true or false, got 'yes'"),
     (["tp=2"], 4, "unknown config key 'tp'"),
     (["parallel.tp"], 4, "is not of the form key=value"),
     ([], 0, "--nproc must be ≥ 1"),
@@ -82,7 +83,9 @@ def test_missing_or_broken_files(tmp_path, capsys):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(TINY, ["parallel.tp=1", "optim.lr=1e-4", "data.paths=[a.txt, b.txt]", "model.n_kv_heads=null"])
+    cfg = load_config(TINY, ["parallel.tp=1", "optim.lr=1e-4", "data.paths=[a.txt, b.txt]", "model.n_kv_heads=null",
+                             "model.fused_kernels=off"])
+    assert cfg.model.fused_kernels == "off"  # YAML 1.2: on/off/yes/no are strings, not booleans
     assert cfg.parallel.tp == 1 and cfg.optim.lr == 1e-4 and cfg.data.paths == ["a.txt", "b.txt"]
     assert cfg.model.n_kv_heads is None and cfg.model.kv_heads == cfg.model.n_heads
 

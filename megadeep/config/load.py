@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,6 +17,23 @@ import yaml
 
 from megadeep.config.schema import RunConfig
 from megadeep.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. PyYAML's YAML 1.1 would read on/off/yes/no as booleans,
+    so ``model.fused_kernels=off`` would arrive as False."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -92,7 +110,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. parallel.tp=2)")
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        out.append((key.strip(), _yaml(raw) if raw.strip() else ""))
     return out
 
 
@@ -116,7 +134,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            tree = (json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())) or {}
+            tree = (json.loads(p.read_text()) if p.suffix == ".json" else _yaml(p.read_text())) or {}
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file '{path}' is not valid JSON at line {e.lineno}") from None
         except yaml.YAMLError as e:

@@ -5,6 +5,7 @@ Each failure is one :class:`ConfigError` line naming the keys involved and a way
 from __future__ import annotations
 
 import copy
+from importlib.util import find_spec
 from pathlib import Path
 
 from megadeep.config.deepspeed import PRECISIONS, load_recipe, offload_devices, zero_stage
@@ -44,6 +45,11 @@ def _check_model(cfg: RunConfig) -> None:
     )
     _require(0.0 <= m.dropout < 1.0 and 0.0 <= m.attention_dropout < 1.0, "model dropouts must be in [0, 1)")
     _require(m.fused_kernels in ("auto", "on", "off"), f"model.fused_kernels must be auto, on or off, got '{m.fused_kernels}'")
+    _require(
+        m.fused_kernels != "on" or find_spec("megadeep._C") is not None,
+        "model.fused_kernels=on but megadeep's csrc kernels are not built: run "
+        "`pip install --no-build-isolation -e .` (scripts/setup.sh does), or set model.fused_kernels=auto",
+    )
     _require(
         not (m.deepnorm and m.residual_scaling),
         "model.deepnorm and model.residual_scaling are two different deep-model inits; set one of them to false",

@@ -1,7 +1,7 @@
 """Train several layouts in one launch (same seed, same data) and record per-step loss and grad norm.
 
 argv: OUT.json TEXT_FILE SPEC [SPEC ...],
-SPEC = "tp=2,zero=1[,pp=2][,sp][,untied][,ckpt][,layers=4][,warmup=5][,uniform|blocks][,pckpt=K][,drop][,resume=K]"
+SPEC = "tp=2,zero=1[,pp=2][,sp][,untied][,ckpt][,layers=4][,warmup=5][,uniform|blocks][,pckpt=K][,drop][,resume=K][,fused=on|off]"
 (DP is what is left; pckpt: pipeline activation checkpointing every K layers; drop: dropout 0.1).
 ``resume=K`` saves a DeepSpeed checkpoint after K steps and trains the rest in a fresh engine loaded
 from it. Pipeline layouts also record how far the tied embedding's stage copies drifted apart.
@@ -38,6 +38,8 @@ def overrides(spec: str) -> list[str]:
             out.append("parallel.sequence_parallel=true")
         elif key == "untied":
             out.append("model.tie_embeddings=false")
+        elif key == "fused":
+            out.append(f"model.fused_kernels={value}")
         elif key == "ckpt":
             out.append("model.activation_checkpointing=true")
         elif key == "layers":
