@@ -97,9 +97,11 @@ def test_reshard_zero_stages_nan_guard_and_hf_import(text, tmp_path):
     ]
     # one of them also saves by the clock (every step here): skipped steps are not saved, the last 3 kept
     nan_jobs[1]["overrides"] += [f"checkpoint.dir={tmp_path / 'clock'}", "checkpoint.save_minutes=0.0001"]
+    # The source: (TP, PP, DP) = (2, 2, 1), 10 steps, saving at step 5; its steps 6-10 are the reference.
+    src, _ = launch(tmp_path, "src", 4, text, [
+        {"name": "src", "overrides": base + ["parallel.tp=2", "parallel.pp=2", "deepspeed.config=zero1",
+                                             f"checkpoint.dir={src_dir}", "checkpoint.save_every=5"]}])
     results, _ = launch(tmp_path, "reshard2", 2, text, [
-        {"name": "src", "overrides": base + ["parallel.tp=2", "deepspeed.config=zero1", f"checkpoint.dir={src_dir}",
-                                             "checkpoint.save_every=5"]},
         *[{"name": f"dp2-zero{z}", "overrides": base + [f"deepspeed.config=zero{z}", f"checkpoint.resume={step5}"]}
           for z in (0, 2, 3)],
         *nan_jobs,
@@ -107,12 +109,12 @@ def test_reshard_zero_stages_nan_guard_and_hf_import(text, tmp_path):
                                         f"checkpoint.dir={tmp_path / 'abort'}", "checkpoint.save_every=1"],
          "nan_at_step": 3, "nan_until_step": 10, "nan_rank": 0},
     ])
-    ref = results["src"]["loss"][5:]
+    ref = src["src"]["loss"][5:]
     for z in (0, 2, 3):
         r = results[f"dp2-zero{z}"]
         assert r["start"] == 5 and r["steps"] == list(range(6, 11))
         err = rel_err(r["loss"], ref)
-        print(f"(2,1,1) zero1 -> (1,1,2) zero{z}: loss rel err {err:.2e}")
+        print(f"(2,2,1) zero1 -> (1,1,2) zero{z}: loss rel err {err:.2e}")
         assert err < TOL, (z, r["loss"], ref)
 
     for z in (0, 1, 2, 3):
@@ -143,7 +145,7 @@ def test_reshard_zero_stages_nan_guard_and_hf_import(text, tmp_path):
     ])
     for name in ("tp4-offline", "tp4-onload", "tp2dp2-zero3"):
         err = rel_err(results[name]["loss"], ref)
-        print(f"(2,1,1) zero1 -> {name}: loss rel err {err:.2e}")
+        print(f"(2,2,1) zero1 -> {name}: loss rel err {err:.2e}")
         assert results[name]["start"] == 5 and err < TOL, (name, results[name]["loss"], ref)
 
     # The imported weights in a TP=2 × DP=2 run give transformers' loss on the first batch.
@@ -157,7 +159,7 @@ def transformers_first_batch_loss(folder, text) -> float:
     from transformers import LlamaForCausalLM
 
     from megadeep.config import load_config, resolve
-    from megadeep.data import Loader, build_split
+    from megadeep.data.loader import Loader, build_split
     from tests.workers.ckpt import TINY
 
     cfg = resolve(load_config(None, TINY + [f"data.paths=[{text}]"]), 1)

@@ -15,6 +15,7 @@ import io
 from functools import partial
 
 import deepspeed.comm as dist
+import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from megadeep import ops
@@ -82,11 +83,17 @@ class PipelinedLlama(PipelineModule):
         require_block_per_stage(list(self.parts), names, p.partition_method)
         self.partition_method = p.partition_method
         self.layer_names = names if not m.tie_embeddings else [*names[:-1], f"output (tied to {TIED})"]
+        self.canonical_modules = {key: child for key, child in self.tied_modules.items()}
         for name, child in self.named_children():
             if name.isdigit():  # DeepSpeed registers layer i as child "i"
-                init_weights(child, names[int(name)], cfg.train.seed)
-        for key, child in self.tied_modules.items():
-            init_weights(child, key, cfg.train.seed)
+                self.canonical_modules[names[int(name)]] = child
+        for name, child in self.canonical_modules.items():
+            init_weights(child, name, cfg.train.seed)
+
+    def canonical_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """This stage's parameters under the single-process model's names (checkpoints use them)."""
+        return {f"{name}.{pn}": p for name, child in self.canonical_modules.items()
+                for pn, p in child.named_parameters()}
 
     def forward(self, inputs):
         # Sequence-parallel activations leave their layers as strided views; p2p sends want them dense.

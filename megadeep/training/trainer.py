@@ -112,7 +112,8 @@ class Trainer:
         self.log = MetricsLog(cfg, dist.get_world_size(), peak_flops(self.device, t.precision), self.rank == 0)
         self.comm = CommMeter() if cfg.log.comm_stats else None
         self.guard = FaultGuard(t.max_consecutive_skips, t.loss_spike_factor, self.rank == 0)
-        self.checkpoints = CheckpointManager(cfg, self.engine, dict(model.named_parameters()), self.device.type)
+        params = model.canonical_parameters() if self.pipelined else dict(model.named_parameters())
+        self.checkpoints = CheckpointManager(cfg, self.engine, params, self.device.type)
         if self.rank == 0 and cfg.log.progress:
             print(f"megadeep: {cfg.name} | layout TP={p.tp} DP={p.dp} PP={p.pp} | "
                   f"{num_params(cfg.model) / 1e6:.2f}M params | optimizer {self.optimizer_name} | device {self.device}", flush=True)
