@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from megadeep.errors import ConfigError
 from megadeep.launch.args import add_launch_args, load_for_launch
 
 
@@ -73,6 +74,9 @@ def print_table(cfg, rows: list[dict]) -> None:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     cfg, spawn = load_for_launch(args)
+    if cfg.parallel.pp > 1:  # measuring happens between a micro-batch's backward and the step
+        raise ConfigError("megadeep memory measures inside a training step, which DeepSpeed's pipeline engine "
+                          "does not expose; measure with parallel.pp=1 (or estimate PP with `megadeep plan`)")
     if spawn:
         from megadeep.launch.local import run_local
 
