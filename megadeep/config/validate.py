@@ -174,14 +174,16 @@ def check_data(cfg: RunConfig) -> None:
              "specials and the alphabet; use ≥ 320")
 
 
-def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
-    """Validate ``cfg`` for ``world_size`` processes and return a copy with DP and accumulation filled in."""
+def resolve(cfg: RunConfig, world_size: int, require_data: bool = True) -> RunConfig:
+    """Validate ``cfg`` for ``world_size`` processes and return a copy with DP and accumulation filled in.
+    ``require_data=False`` (the planner: layouts, not a run) lets a config name no data yet."""
     _require(world_size >= 1, f"world size must be ≥ 1, got {world_size}")
     _check_layout(cfg, world_size)
     _check_model(cfg)
     _check_training(cfg)
     _check_deepspeed(cfg)
-    check_data(cfg)
+    if require_data or cfg.data.paths or cfg.data.corpus:
+        check_data(cfg)
     _check_checkpoint(cfg)
     out = copy.deepcopy(cfg)
     if cfg.data.source == "bytes" and not cfg.model.vocab_size:

@@ -78,7 +78,7 @@ def write_outputs(out_dir: Path, cfg, world: int) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    (out_dir / "ds_config.json").write_text(json.dumps(compose(resolve(cfg, world)), indent=2) + "\n")
+    (out_dir / "ds_config.json").write_text(json.dumps(compose(resolve(cfg, world, require_data=False)), indent=2) + "\n")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -97,9 +97,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError("no layout fits in GPU (and host) memory: use more GPUs or GPUs with more memory, "
                           "a smaller model or sequence, or NVMe offload (--nvme-path)")
     if args.out:
-        best = result.ranked[0].candidate
-        write_outputs(Path(args.out), run_config(base, w, best, args.nvme_path), cluster.world_size)
-        print(f"wrote {args.out}/run.yaml and {args.out}/ds_config.json for layout #1")
+        best = run_config(base, w, result.ranked[0].candidate, args.nvme_path)
+        write_outputs(Path(args.out), best, cluster.world_size)
+        todo = "" if best.data.paths or best.data.corpus else "; name the training data (data.paths or data.corpus) before training"
+        print(f"wrote {args.out}/run.yaml and {args.out}/ds_config.json for layout #1{todo}")
     return 0
 
 

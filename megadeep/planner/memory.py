@@ -56,10 +56,11 @@ def model_states(n_params: float, stage: int, dp: int, precision: str, persisten
 
 
 def layer_param_numels(m: ModelConfig, tp: int) -> list[int]:
-    """Sizes of one decoder layer's parameters on one TP rank: wq, wk, wv, wo, w13 (gate|up), w2 and
-    the two norm weights (replicated, not split)."""
+    """Sizes of one decoder layer's parameters on one TP rank: wqkv (q|k|v fused), wo, w13 (gate|up),
+    w2 and the two norm weights (replicated, not split). ZeRO-3's persistence threshold applies to
+    these tensors as they are, so the fused ones must not be counted as parts."""
     d, q, kv, f = m.dim, m.n_heads * m.head_dim, m.kv_heads * m.head_dim, m.hidden_ffn
-    return [d * q // tp, d * kv // tp, d * kv // tp, q * d // tp, 2 * f * d // tp, f * d // tp, d, d]
+    return [d * (q + 2 * kv) // tp, q * d // tp, 2 * f * d // tp, f * d // tp, d, d]
 
 
 def stage_param_numels(m: ModelConfig, tp: int, pp: int) -> list[list[int]]:

@@ -82,7 +82,7 @@ def plan(w: Workload, cluster: Cluster, base: RunConfig, recipes=RECIPES, nvme_p
         key = (c.tp, c.pp, c.micro_batch, c.recipe)
         if key not in legal:
             try:
-                resolve(run_config(base, w, c, nvme_path), cluster.world_size)
+                resolve(run_config(base, w, c, nvme_path), cluster.world_size, require_data=False)
                 legal[key] = True
             except ConfigError as e:
                 legal[key] = False
