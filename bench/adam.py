@@ -58,6 +58,14 @@ def run(quick: bool = False) -> dict:
     return {"params": n, "steps": steps, "threads": torch.get_num_threads(), "results": rows}
 
 
+def headline(result: dict) -> list[dict]:
+    from bench.common import row
+
+    base = result["results"]["torch AdamW (foreach)"]["params_per_s"] / 1e6
+    return [row(f"Adam step, M params/s, {name} vs torch AdamW foreach", r["params_per_s"] / 1e6, base, r["vs_foreach"])
+            for name, r in result["results"].items() if name != "torch AdamW (foreach)"]
+
+
 def main() -> None:
     result = run(quick="--quick" in sys.argv)
     print(f"Adam step, {result['params'] / 1e6:.0f}M fp32 params, {result['threads']} threads")

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from bench.common import median_time, save
+from bench.common import median_time, row, save
 
 SHAPE = dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2048)  # ~134M parameters
 QUICK = dict(vocab_size=4096, dim=256, n_layers=4, n_heads=4, ffn_dim=768)
@@ -57,6 +57,12 @@ def run(quick: bool = False) -> dict:
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def headline(r: dict) -> list[dict]:
+    return [row(f"checkpoint {what} s, megadeep (sha256 + fsync) vs DeepSpeed {what}_checkpoint, "
+                f"{r['params'] / 1e6:.0f}M params", r[f"megadeep_{what}_s"], r[f"deepspeed_{what}_s"], r[f"{what}_ratio"])
+            for what in ("save", "load")]
 
 
 if __name__ == "__main__":

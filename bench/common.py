@@ -37,3 +37,12 @@ def save(name: str, result: dict) -> Path:
     path = RESULTS / f"{name}-{_dt.date.today().isoformat()}.json"
     path.write_text(json.dumps({"machine": machine(), **result}, indent=1))
     return path
+
+
+def row(what: str, megadeep: float, baseline: float | None = None, ratio: float | None = None) -> dict:
+    """One headline row of the runner's table (``python -m bench``): what is measured (units and the
+    baseline named in ``what``), megadeep's number, the baseline's, and their ratio (megadeep / baseline
+    unless the benchmark computes it otherwise, e.g. as a median of per-repeat ratios)."""
+    if ratio is None and baseline:
+        ratio = megadeep / baseline
+    return {"what": what, "megadeep": megadeep, "baseline": baseline, "ratio": ratio}

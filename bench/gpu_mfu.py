@@ -42,6 +42,14 @@ def run(quick: bool = False) -> dict:
     }
 
 
+def headline(r: dict) -> list[dict]:
+    from bench.common import row
+
+    s = r["shape"]
+    return [row(f"MFU, {s['n_layers']}-layer Llama (dim {s['dim']}) bf16 on {r['device']}, "
+                f"{r['tokens_per_s']:,.0f} tokens/s, {r['tflops_per_device']:.0f} TFLOP/s", r["mfu"])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")

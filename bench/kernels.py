@@ -195,6 +195,19 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(result: dict) -> list[dict]:
+    """The largest size of each op, with the fused variant the model calls (SwiGLU: gradient in place)."""
+    from bench.common import row
+
+    rows = []
+    for op, impl in (("rms_norm", "fused"), ("swiglu", "fused_in_place")):
+        r = [r for r in result["rows"] if r["op"] == op][-1]
+        for base in ("eager", "compile"):
+            rows.append(row(f"{op} fwd+bwd ms, {r['tokens']}×{r['hidden']} fp32, {impl} vs {base} (ratio: speedup)",
+                            r["ms"][impl], r["ms"][base], r[f"speedup_vs_{base}"][impl]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small size, three repeats")

@@ -124,6 +124,14 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(result: dict) -> list[dict]:
+    from bench.common import row
+
+    note = f", {result['stages']} stages on {result['cores']} cores" if result["oversubscribed"] else ""
+    return [row(f"1F1B bubble fraction p={result['stages']} m={r['m']}, measured vs (p-1)/(m+p-1){note}",
+                r["measured"], r["theory"]) for r in result["rows"]]
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")

@@ -99,6 +99,14 @@ def run(quick: bool = False) -> dict:
         }
 
 
+def headline(r: dict) -> list[dict]:
+    from bench.common import row
+
+    e = r["end_to_end_mb_s"]
+    return [row(f"preprocessing MB/s end to end ({r['input_mb']} MB), 2 workers vs 1 (ratio: speedup)",
+                e["2_workers"], e["1_worker"], r["speedup_2_vs_1"])]
+
+
 def main() -> None:
     r = run(quick="--quick" in sys.argv)
     print(f"input {r['input_mb']} MB of JSON lines, {r['documents_in']:,} documents; tokenizer trained in "

@@ -69,6 +69,14 @@ def run(quick: bool = False, tp_sizes=(2, 4)) -> dict:
     return {"shape": shape, "results": results}
 
 
+def headline(result: dict) -> list[dict]:
+    from bench.common import row
+
+    return [row(f"TP bytes per layer fwd+bwd, {tp} {sp}, MiB counted vs analytic minimum",
+                sum(r["counted"].values()) / 2**20, sum(r["minimum"].values()) / 2**20, r["ratio"])
+            for tp, rows in result["results"].items() for sp, r in rows.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")

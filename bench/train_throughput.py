@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import median_time, save
+from bench.common import median_time, row, save
 
 # ~134M parameters: the shape of cpu-facts.md's HF measurement (12 × 768, ffn 2048, vocab 32000).
 SHAPE = dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_dim=2048, seq_len=256, batch=4)
@@ -73,6 +73,12 @@ def run(quick: bool = False, repeats: int = 3) -> dict:
         "ratio_megadeep_over_hf": hf_s / md,
     }
     return result
+
+
+def headline(r: dict) -> list[dict]:
+    t = r["tokens_per_s"]
+    return [row(f"training tokens/s, fp32, {r['params']['megadeep'] / 1e6:.0f}M params, vs HF transformers Llama",
+                t["megadeep"], t["hf_transformers"], r["ratio_megadeep_over_hf"])]
 
 
 def main() -> None:
