@@ -93,8 +93,8 @@ def fmt(x) -> str:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    kind = "QUICK run (small shapes, few repeats: a smoke test, not numbers to quote)" if report["quick"] else "full run"
-    lines = [f"# megadeep benchmarks, {m['date']} on {m['host']} ({kind})", "",
+    kind = "QUICK run: small shapes, few repeats, a smoke test, not numbers to quote" if report["quick"] else "full run"
+    lines = [f"# megadeep benchmarks, {m['date']} on {m['host']}: {kind}", "",
              f"`{report['command']}`: {m['cpus']} CPUs ({m['cpu']}), torch {m['torch']}, {m['threads']} threads"
              + (f", GPU {m['gpu']}" if "gpu" in m else "")
              + f", load average {m['loadavg_before'][0]:.1f} before, {report['loadavg_after'][0]:.1f} after.", "",
@@ -124,7 +124,8 @@ def run_all(modules: dict[str, str], quick: bool, timeout: float, out_dir: Path,
     for name, module in modules.items():
         print(f"{name:18} ...", end=" ", flush=True)
         b = report["benches"][name] = run_one(module, quick, timeout, env)
-        print(f"{b['status']} in {b['wall_s']:.0f} s" + (f": {b['error']}" if b["status"] == "failed" else ""), flush=True)
+        error = f": {b['error']}" if b["status"] == "failed" else ""
+        print(f"{b['status']} in {b['wall_s']:.0f} s{error}", flush=True)
     for name, why in (skipped or {}).items():
         report["benches"][name] = {"status": "skipped", "wall_s": 0.0, "result": {"skipped": why}}
     report["wall_s"] = round(time.perf_counter() - start, 1)

@@ -60,9 +60,11 @@ def run(quick: bool = False) -> dict:
 
 
 def headline(r: dict) -> list[dict]:
-    return [row(f"checkpoint {what} s, megadeep (sha256 + fsync) vs DeepSpeed {what}_checkpoint, "
-                f"{r['params'] / 1e6:.0f}M params", r[f"megadeep_{what}_s"], r[f"deepspeed_{what}_s"], r[f"{what}_ratio"])
-            for what in ("save", "load")]
+    safety = {"save": "hashed + fsynced", "load": "hashes verified"}
+    return [row(f"checkpoint {what} s, megadeep ({safety[what]}) vs DeepSpeed {what}_checkpoint, "
+                f"{r['params'] / 1e6:.0f}M params",
+                r[f"megadeep_{what}_s"], r[f"deepspeed_{what}_s"], r[f"{what}_ratio"])
+            for what in safety]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ as megadeep's planner implements it (``megadeep.planner.memory.model_states``).
 Measured exactly as ``megadeep memory`` does (``megadeep.training.memory_cli.measure_run``: every
 tensor storage reachable from the model and DeepSpeed's optimizer counted once, in step 2 while
 gradients accumulate); one torchrun launch per data-parallel size runs all four stages. The ratio is
-measured / formula, per rank; 1.00 means the planner predicts the bytes DeepSpeed allocates.
+measured / formula, per rank; 1.00 means the planner predicts the bytes DeepSpeed allocates. At stage 2
+a rank's gradients exceed Ψ/N_d by up to two parameters: DeepSpeed keeps whole the gradients of the
+parameters that straddle its partition's boundaries.
 
     python -m bench.zero_memory [--quick]
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 
 STAGES = (0, 1, 2, 3)
 COMPONENTS = ("params", "grads", "optimizer")
-# ~34M parameters; attention matrices (512×512) are above ZeRO-3's persistence threshold (1e5) too.
+# ~30M parameters (tied embedding); every matrix is above ZeRO-3's persistence threshold (1e5).
 MODEL = ["model.vocab_size=8192", "model.dim=512", "model.n_layers=8", "model.n_heads=8", "model.ffn_dim=1408"]
 # tests/test_ds_configs.py's model: attention (256×256) below the threshold, MLP and embedding above.
 QUICK_MODEL = ["model.vocab_size=512", "model.dim=256", "model.n_layers=4", "model.n_heads=4", "model.ffn_dim=768"]
@@ -70,8 +72,8 @@ def run(quick: bool = False, dp_sizes: tuple[int, ...] | None = None) -> dict:
         text.write_bytes(bytes(range(256)) * 256)
         for dp in dp_sizes:
             out = Path(tmp) / f"dp{dp}.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={dp}",
-                   "-m", "bench.zero_memory", "--worker", str(out), "--text", str(text)] + (["--quick"] if quick else [])
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={dp}", "-m",
+                   "bench.zero_memory", "--worker", str(out), "--text", str(text), *(["--quick"] if quick else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                   cwd=Path(__file__).resolve().parents[1])
             if proc.returncode != 0:
@@ -90,19 +92,21 @@ def headline(result: dict) -> list[dict]:
     for stage, s in stages.items():
         worst = max(range(len(s["ranks"])), key=lambda i: abs(s["model_states"]["ratio"][i] - 1))
         parts = "/".join(f"{s[c]['ratio'][worst]:.2f}" for c in COMPONENTS)
-        rows.append(row(f"ZeRO-{stage[-1]} {dp} model states, MiB per rank vs formula (params/grads/optim ratio {parts})",
+        rows.append(row(f"ZeRO-{stage[-1]} {dp} model states, MiB per rank vs formula "
+                        f"(params/grads/optim ratio {parts})",
                         s["model_states"]["measured"][worst] / mib, s["model_states"]["formula"] / mib,
                         s["model_states"]["ratio"][worst]))
     return rows
 
 
 def table(result: dict) -> str:
+    mib = 1024**2
     lines = [f"ZeRO model states per rank, measured / formula ({result['precision']}); MiB",
              f"{'':6} {'stage':5} | " + " | ".join(f"{c:>21}" for c in (*COMPONENTS, "model_states"))]
     for dp, stages in result["results"].items():
         for stage, s in stages.items():
             for rank in range(len(s["ranks"])):
-                cells = [f"{s[c]['measured'][rank] / 2**20:7.2f}/{s[c]['formula'] / 2**20:7.2f} {s[c]['ratio'][rank]:5.3f}"
+                cells = [f"{s[c]['measured'][rank] / mib:7.2f}/{s[c]['formula'] / mib:7.2f} {s[c]['ratio'][rank]:5.3f}"
                          for c in (*COMPONENTS, "model_states")]
                 lines.append(f"{dp:6} {stage:5} | " + " | ".join(f"{c:>21}" for c in cells) + f"   rank {rank}")
     return "\n".join(lines)
