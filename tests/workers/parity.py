@@ -26,38 +26,32 @@ TINY = [
 ]
 
 
+# spec item -> overrides; "{}" takes the item's value
+SPEC_ITEMS = {
+    "zero": ["deepspeed.config=zero{}"],
+    "tp": ["parallel.tp={}"],
+    "pp": ["parallel.pp={}"],
+    "sp": ["parallel.sequence_parallel=true"],
+    "untied": ["model.tie_embeddings=false"],
+    "fused": ["model.fused_kernels={}"],
+    "ckpt": ["model.activation_checkpointing=true"],
+    "layers": ["model.n_layers={}"],
+    "warmup": ["optim.warmup_steps={}"],
+    "uniform": ["parallel.partition_method=uniform"],
+    "blocks": ["parallel.partition_method=type:Block"],
+    "pckpt": ["parallel.pipeline_checkpoint_interval={}"],
+    "drop": ["model.dropout=0.1", "model.attention_dropout=0.1"],
+    "resume": [],  # not a config key: see train_layout
+}
+
+
 def overrides(spec: str) -> list[str]:
     out = []
     for item in spec.split(","):
         key, _, value = item.partition("=")
-        if key == "zero":
-            out.append(f"deepspeed.config=zero{value}")
-        elif key in ("tp", "pp"):
-            out.append(f"parallel.{key}={value}")
-        elif key == "sp":
-            out.append("parallel.sequence_parallel=true")
-        elif key == "untied":
-            out.append("model.tie_embeddings=false")
-        elif key == "fused":
-            out.append(f"model.fused_kernels={value}")
-        elif key == "ckpt":
-            out.append("model.activation_checkpointing=true")
-        elif key == "layers":
-            out.append(f"model.n_layers={value}")
-        elif key == "warmup":
-            out.append(f"optim.warmup_steps={value}")
-        elif key == "uniform":
-            out.append("parallel.partition_method=uniform")
-        elif key == "blocks":
-            out.append("parallel.partition_method=type:Block")
-        elif key == "pckpt":
-            out.append(f"parallel.pipeline_checkpoint_interval={value}")
-        elif key == "drop":
-            out += ["model.dropout=0.1", "model.attention_dropout=0.1"]
-        elif key == "resume":
-            pass  # not a config key: see train_layout
-        else:
+        if key not in SPEC_ITEMS:
             raise SystemExit(f"bad spec item {item}")
+        out += [o.format(value) for o in SPEC_ITEMS[key]]
     return out
 
 
