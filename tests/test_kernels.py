@@ -219,7 +219,7 @@ def test_fused_on_without_a_build_is_refused_before_launch(monkeypatch):
     from megadeep.config import load_config, resolve, validate
     from megadeep.errors import ConfigError
 
-    cfg = load_config(None, ["model.fused_kernels=on"])
+    cfg = load_config(None, ["model.fused_kernels=on", "data.corpus=shakespeare"])
     resolve(cfg, 1)
     monkeypatch.setattr(validate, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="fused_kernels=on but megadeep's csrc kernels are not built"):
