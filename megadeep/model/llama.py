@@ -239,15 +239,6 @@ class Transformer(nn.Module):
         init_weights(self, "", seed)
 
 
-def num_params(cfg: ModelConfig) -> int:
-    """Parameters of the full (TP=1) model, unpadded vocabulary."""
-    d, hd = cfg.dim, cfg.head_dim
-    attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2
-    per_layer = attn + 3 * d * cfg.hidden_ffn + 2 * d
-    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
-    return cfg.vocab_size * d + cfg.n_layers * per_layer + d + head
-
-
 def param_generator(seed: int, name: str, device) -> torch.Generator:
     """A generator seeded by (seed, canonical parameter name): init does not depend on which other
     parameters this rank holds, so TP shards and pipeline stages match the single-process model."""

@@ -1,11 +1,5 @@
-"""Model FLOPs per token and MFU.
-
-Model FLOPs count the matmuls a training step must do, whatever recomputation the run adds
-(PaLM's definition): per token, 6·N for the weight matmuls (2 forward, 4 backward) plus attention's
-score and value products, 12·L·h·s (h = model width, s = sequence length). N counts parameters that take
-part in a matmul: every decoder weight and the LM head (the tied embedding counts once, as the head);
-an untied input embedding table is a lookup, not a matmul, and is left out. Norm weights are included
-in N (a negligible overcount the formula traditionally makes).
+"""MFU: model FLOPs per token (counted in megadeep.model.accounting, the formula the planner
+predicts with) against the device's peak.
 """
 from __future__ import annotations
 
@@ -13,8 +7,7 @@ import time
 
 import torch
 
-from megadeep.config.schema import ModelConfig
-from megadeep.model.llama import num_params
+from megadeep.model.accounting import flops_per_token  # noqa: F401  (MFU's numerator, re-exported)
 
 # Dense (no sparsity) peak FLOP/s per device, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -24,15 +17,6 @@ PEAK_FLOPS = {
     "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494.5e12},
     "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
 }
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-    n = num_params(cfg)
-    return n if cfg.tie_embeddings else n - cfg.vocab_size * cfg.dim
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.dim * seq_len
 
 
 def gpu_peak_flops(device_name: str, precision: str) -> float | None:

@@ -43,7 +43,6 @@ def print_plan(result, w, cluster, top: int) -> None:
     from rich.table import Table
 
     from megadeep.model import num_params
-    from megadeep.planner.estimate import RESERVED
 
     gib = 1024**3
     console = Console(width=max(Console().width, 120))
@@ -61,13 +60,46 @@ def print_plan(result, w, cluster, top: int) -> None:
                       f"{e.tflops_per_gpu:.0f}", f"{e.mfu:.0%}", f"{w.global_batch * w.seq / e.step_s:,.0f}")
     console.print(table)
     if result.ranked:
-        e = result.ranked[0]
-        console.print(f"#1 per GPU: {e.states / gib:.1f} GiB model states + {e.activations / gib:.1f} activations + "
-                      f"{e.buffers / gib:.1f} buffers + {RESERVED / gib:.1f} reserved; {e.host / gib:.1f} GiB host. Step "
-                      f"{e.step_s:.2f} s = compute {e.compute_s:.2f} + bubble {e.bubble_s:.2f} + TP {e.tp_s:.2f} + "
-                      f"PP {e.pp_s:.2f} + DP {e.dp_s:.2f} + offload {e.offload_s:.2f}")
+        console.print(breakdown_table(result.ranked[:BREAKDOWN_ROWS]))
     for reason, n in sorted(result.illegal.items(), key=lambda kv: -kv[1])[:5]:
         console.print(f"[dim]illegal ({n}): {reason}[/dim]")
+
+
+BREAKDOWN_ROWS = 3
+TIME_PARTS = (("compute", "compute"), ("recompute", "recompute"), ("bubble", "bubble"), ("tp_exposed", "TP exposed"),
+              ("pp_exposed", "PP exposed"), ("dp_exposed", "DP exposed"), ("optimizer", "optimizer"),
+              ("offload", "offload"))
+MEMORY_PARTS = (("model_states", "states"), ("activations", "activations"), ("buffers", "buffers"),
+                ("reserved", "reserved"))
+
+
+def breakdown_table(ranked):
+    """Why the best layouts rank where they do: predicted step seconds and GPU GiB by part."""
+    from rich.table import Table
+
+    table = Table(title="where the step time (s) and GPU memory (GiB) of the best layouts go; "
+                        "communication counts only what does not overlap compute")
+    for col in ("#", *(name for _, name in TIME_PARTS), "step s", *(name for _, name in MEMORY_PARTS), "GPU GiB"):
+        table.add_column(col, justify="right")
+    for i, e in enumerate(ranked, 1):
+        b = e.breakdown()
+        t, mem = b["time_s"], b["memory_bytes"]
+        table.add_row(str(i), *(f"{t[k]:.2f}" for k, _ in TIME_PARTS), f"{t['step']:.2f}",
+                      *(f"{mem[k] / 1024**3:.1f}" for k, _ in MEMORY_PARTS), f"{mem['total'] / 1024**3:.1f}")
+    return table
+
+
+def plan_json(result, w, cluster, top: int, calibration: str) -> dict:
+    from megadeep.model.accounting import flops_per_token, num_params
+
+    return {"model": {"params": num_params(w.model), "flops_per_token": flops_per_token(w.model, w.seq)},
+            "workload": {"seq": w.seq, "global_batch": w.global_batch, "precision": w.precision,
+                         "partition_method": w.partition_method},
+            "cluster": {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "gpu": cluster.gpu.name,
+                        "measured_collectives": dict(cluster.measured)},
+            "calibration": calibration or None,
+            "fits": len(result.ranked), "too_big": result.too_big, "illegal": result.illegal,
+            "ranked": [e.breakdown() for e in result.ranked[:top]]}
 
 
 def write_outputs(out_dir: Path, cfg, world: int) -> None:
@@ -81,6 +113,31 @@ def write_outputs(out_dir: Path, cfg, world: int) -> None:
     (out_dir / "ds_config.json").write_text(json.dumps(compose(resolve(cfg, world, require_data=False)), indent=2) + "\n")
 
 
+DEFAULT_CALIBRATION = "megadeep-calibration.json"
+
+
+def load_calibration(args, w, cluster):
+    """``--calibrate``: time this machine at the plan's shapes and save it to ``--calibration``;
+    ``--calibration`` alone: reuse a saved one."""
+    from megadeep.planner.calibrate import Calibration, calibrate
+    from megadeep.planner.search import MICRO_BATCHES, divisors
+
+    path = args.calibration or DEFAULT_CALIBRATION
+    if args.calibrate:
+        tps = [t for t in divisors(cluster.world_size) if t <= cluster.gpus_per_node]
+        processes = max(1, min(cluster.gpus_per_node, args.calibrate_procs))
+        cal = calibrate(w.model, w.seq, w.precision, tps, MICRO_BATCHES[:args.calibrate_micro], processes)
+        cal.save(path)
+        print(f"calibrated on {cal.device} ({cal.processes} processes): GEMMs up to {cal.peak / 1e12:.3g} TFLOP/s, "
+              f"memory {cal.memory_rate / 1e9:.3g} GB/s; saved to {path}")
+        return cal
+    if args.calibration:
+        if not Path(args.calibration).is_file():
+            raise ConfigError(f"--calibration {args.calibration}: no such file (make one with --calibrate)")
+        return Calibration.load(args.calibration)
+    return None
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from megadeep.planner.estimate import Workload
     from megadeep.planner.search import RECIPES, plan, run_config
@@ -89,10 +146,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     base = base_config(args)
     if args.seq_len > base.model.max_seq_len:
         raise ConfigError(f"--seq-len {args.seq_len} is longer than model.max_seq_len={base.model.max_seq_len}")
-    w = Workload(base.model, args.seq_len, args.global_batch, args.precision)
+    w = Workload(base.model, args.seq_len, args.global_batch, args.precision,
+                 partition_method=base.parallel.partition_method)
     recipes = RECIPES + (("zero3_nvme",) if args.nvme_path else ())
-    result = plan(w, cluster, base, recipes, args.nvme_path)
+    calibration = load_calibration(args, w, cluster)
+    if calibration is not None:
+        cluster = calibration.apply(cluster)
+    result = plan(w, cluster, base, recipes, args.nvme_path, calibration)
     print_plan(result, w, cluster, args.top)
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan_json(result, w, cluster, args.top, args.calibration), indent=1) + "\n")
     if not result.ranked:
         raise ConfigError("no layout fits in GPU (and host) memory: use more GPUs or GPUs with more memory, "
                           "a smaller model or sequence, or NVMe offload (--nvme-path)")
@@ -122,4 +185,10 @@ def add_plan(sub) -> None:
     p.add_argument("--nvme-path", default="", help="also consider ZeRO-3 offload to NVMe at this path")
     p.add_argument("--top", type=int, default=10, help="rows to show")
     p.add_argument("--out", default="", help="write the best layout's run.yaml and ds_config.json here")
+    p.add_argument("--json", default="", help="also write the ranking with each layout's time and memory breakdown here")
+    p.add_argument("--calibrate", action="store_true",
+                   help="time GEMMs, attention and collectives at this run's shapes on this machine and plan with them")
+    p.add_argument("--calibration", default="", help=f"calibration file to write (--calibrate; default {DEFAULT_CALIBRATION}) or reuse")
+    p.add_argument("--calibrate-procs", type=int, default=2, help="processes for the collective timings")
+    p.add_argument("--calibrate-micro", type=int, default=2, help="how many of the smallest micro-batch sizes to time")
     p.set_defaults(func=cmd_plan)

@@ -75,7 +75,8 @@ class Plan:
     too_big: int = 0
 
 
-def plan(w: Workload, cluster: Cluster, base: RunConfig, recipes=RECIPES, nvme_path: str = "") -> Plan:
+def plan(w: Workload, cluster: Cluster, base: RunConfig, recipes=RECIPES, nvme_path: str = "", compute=None) -> Plan:
+    """Every legal candidate that fits, fastest first; ``compute``: a Calibration instead of the tables."""
     out = Plan()
     legal: dict[tuple, bool] = {}
     for c in candidates(w, cluster, recipes):
@@ -90,7 +91,7 @@ def plan(w: Workload, cluster: Cluster, base: RunConfig, recipes=RECIPES, nvme_p
                 out.illegal[reason] = out.illegal.get(reason, 0) + 1
         if not legal[key]:
             continue
-        e = estimate(w, c, cluster)
+        e = estimate(w, c, cluster, compute)
         if e.memory > cluster.gpu.memory or e.host * cluster.gpus_per_node > cluster.host_memory:
             out.too_big += 1
             continue

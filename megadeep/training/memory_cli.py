@@ -11,14 +11,9 @@ from megadeep.launch.args import add_launch_args, load_for_launch
 
 def expected_states(cfg, pp_rank: int):
     """The planner's model-state prediction for one rank of ``cfg``'s layout."""
-    from megadeep.config.deepspeed import load_recipe, zero_stage
-    from megadeep.planner.memory import model_states, persistent_numel, stage_param_numels
+    from megadeep.planner.memory import rank_model_states
 
-    p, recipe = cfg.parallel, load_recipe(cfg.deepspeed.config)
-    numels = stage_param_numels(cfg.model, p.tp, p.pp)[pp_rank]
-    threshold = recipe.get("zero_optimization", {}).get("stage3_param_persistence_threshold", 100000)
-    return model_states(sum(numels), zero_stage(recipe), p.dp, cfg.train.precision,
-                        persistent=persistent_numel(numels, threshold))
+    return rank_model_states(cfg, pp_rank)
 
 
 def measure_point(cfg) -> int:

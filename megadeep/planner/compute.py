@@ -1,0 +1,68 @@
+"""Seconds of the kernels one rank runs for one micro-batch of one layer, from the shapes it multiplies.
+
+Two models answer the same questions (``gemm_s``, ``elementwise_s``, ``attention_s``):
+
+- ``TableCompute``: a soft roofline per GPU type. A matmul takes its FLOPs at the rate large GEMMs
+  reach plus its operand and result bytes at the memory rate, so efficiency rises with size (a thin
+  GEMM is memory-bound, a large one compute-bound) instead of being one fraction of peak. Attention's
+  core is costed by its own FLOPs and memory traffic: with a fused (flash) kernel its causal FLOPs at
+  the fused kernel's rate; without one (Megatron 2021) the batched QKᵀ/AV GEMMs plus the score
+  matrix written, softmaxed, dropped out and read back through HBM. Norms, residuals, RoPE and SwiGLU
+  are memory-bound: their bytes at the memory rate.
+- ``megadeep.planner.calibrate.Calibration``: the same questions answered from timings taken on the
+  machine itself (``megadeep plan --calibrate``).
+
+Table rates (per GPU in hardware.py): dense bf16 peak from NVIDIA's data sheets; the fraction of it
+large GEMMs sustain (cuBLAS on A100 ~0.8, H100 SXM ~0.7; NVIDIA's "Matrix Multiplication
+Background" guide and its published GEMM measurements, approximate); HBM bandwidth from the data sheets
+at the ~85% that streaming kernels reach. Calibration replaces every one of these by a measurement.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megadeep.model.accounting import Gemm, attention_flops
+
+# Flash attention forward does QKᵀ and AV on the causal half; its backward recomputes the scores
+# (FlashAttention-2 paper: backward ≈ 2.5 × forward FLOPs). Its kernels reach a lower share of the
+# GEMM rate than plain GEMMs do (softmax between the two products).
+CAUSAL = 0.5
+FLASH_BACKWARD = 2.5
+FLASH_RATE = 0.75  # × the GEMM rate
+MEMORY_EFFICIENCY = 0.85
+# Score-matrix traffic per element of the unfused (Megatron 2021) attention core, forward, besides the
+# QKᵀ that writes it and the AV that reads it (counted with those GEMMs): the fused scale-mask-softmax
+# reads it and writes probabilities, dropout reads them and writes the dropped ones and its byte mask.
+# Backward moves about twice that.
+UNFUSED_SCORE_PASSES = 4  # 16-bit elements, + the one-byte mask under attention dropout
+
+
+@dataclass(frozen=True)
+class TableCompute:
+    gemm_rate: float  # FLOP/s large GEMMs sustain
+    memory_rate: float  # bytes/s streaming kernels sustain
+    act_bytes: int  # bytes per activation element (2: bf16/fp16, 4: fp32)
+
+    @classmethod
+    def for_gpu(cls, gpu, precision: str) -> "TableCompute":
+        return cls(gpu.peak(precision) * gpu.gemm_efficiency, gpu.hbm * MEMORY_EFFICIENCY,
+                   4 if precision == "fp32" else 2)
+
+    def gemm_s(self, g: Gemm) -> float:
+        moved = (g.rows * g.inner + g.inner * g.cols + g.rows * g.cols) * self.act_bytes * g.count
+        return g.flops / self.gemm_rate + moved / self.memory_rate
+
+    def elementwise_s(self, nbytes: float) -> float:
+        return nbytes / self.memory_rate
+
+    def attention_s(self, m, seq: int, micro_batch: int, tp: int, flash: bool, dropout: bool) -> tuple[float, float]:
+        """(forward, backward) seconds of the attention core of one layer on one TP rank."""
+        heads, hd = m.n_heads // tp, m.head_dim
+        if flash:
+            fwd = CAUSAL * attention_flops(m, seq, micro_batch, tp) / (self.gemm_rate * FLASH_RATE)
+            return fwd, FLASH_BACKWARD * fwd
+        products = [Gemm("qk", seq, hd, seq, micro_batch * heads), Gemm("av", seq, seq, hd, micro_batch * heads)]
+        scores = micro_batch * heads * seq * seq
+        per_score = UNFUSED_SCORE_PASSES * self.act_bytes + (1 if dropout else 0)
+        fwd = sum(self.gemm_s(g) for g in products) + scores * per_score / self.memory_rate
+        return fwd, 2 * fwd
