@@ -227,3 +227,68 @@ def test_plan_input_errors(argv, message, capsys):
     args = ["plan", "--seq-len", "4096", "--global-batch", "64", *argv]
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def _pipelined(sp: bool, v: int = 1):
+    w = Workload(PRESETS["7B"], 4096, 256)
+    cluster = Cluster(2, 8, GPUS["A100-80"], 300e9, 200e9)
+    return w, cluster, estimate(w, Candidate(4, 4, 1, "zero1", 1, "selective", sp, v), cluster)
+
+
+def test_sequence_parallel_pipeline_sends_a_tp_slice():
+    """Sequence-parallel stage outputs are 1/TP per rank already: the pipeline sends that slice and
+    gathers nothing; without SP DeepSpeed's engine sends 1/TP too, then all-gathers it over TP."""
+    from megadeep.parallel.layout import Layout
+
+    w, cluster, sp = _pipelined(True)
+    _, _, full = _pipelined(False)
+    c = sp.candidate
+    act = w.seq * c.micro_batch * w.model.dim * 2
+    layout = Layout(tp=4, dp=1, pp=4)
+    stages, tp_group = layout.pp_groups()[0], layout.tp_groups()[0]
+    hop = max(cluster.collective_time("p2p", act / c.tp, [a, b]) for a, b in zip(stages, stages[1:]))
+    assert hop > 0 and sp.pp_s == pytest.approx(2 * sp.micro_batches * hop, rel=1e-12)
+    gather = cluster.collective_time("all_gather", act, tp_group)
+    assert full.pp_s == pytest.approx(2 * full.micro_batches * (hop + gather), rel=1e-12)
+
+
+def test_interleaving_divides_the_bubble_and_multiplies_the_sends():
+    _, _, one = _pipelined(True, 1)
+    _, _, two = _pipelined(True, 2)
+    assert two.pp_s == pytest.approx(2 * one.pp_s, rel=1e-12)
+    per_mb = (two.compute_s + two.recompute_s + two.tp_s + two.pp_s) / two.micro_batches
+    assert two.bubble_s == pytest.approx((4 - 1) / 2 * per_mb, rel=1e-12)
+    assert two.bubble_s < one.bubble_s  # (the step need not shrink: here the doubled sends cost more)
+
+
+def test_overlap_comm_hides_zero_reduction_behind_backward(monkeypatch):
+    """DeepSpeed's overlap_comm (read from the recipe) hides ZeRO's reduce-scatter behind backward;
+    the pipeline engine reduces after the flush, so with PP nothing is hidden."""
+    import dataclasses
+
+    from megadeep.planner import estimate as est
+
+    w = Workload(PRESETS["1B"], 2048, 64)
+    cluster = Cluster(2, 8, GPUS["A100-80"], 300e9, 25e9)
+    assert not est.recipe_facts("zero2").overlap_comm and est.recipe_facts("zero3_offload").overlap_comm
+    flat, piped = Candidate(1, 1, 16, "zero2", 1, "selective"), Candidate(1, 2, 8, "zero1", 1, "selective")
+    exposed = [estimate(w, c, cluster) for c in (flat, piped)]
+    for name in ("zero1", "zero2"):
+        real = est.recipe_facts(name)
+        monkeypatch.setattr(est, "recipe_facts", lambda n, real=real: dataclasses.replace(real, overlap_comm=True))
+        hidden = estimate(w, flat if name == "zero2" else piped, cluster)
+        monkeypatch.undo()
+        if name == "zero2":
+            assert hidden.dp_s < exposed[0].dp_s and hidden.compute_s == exposed[0].compute_s
+        else:
+            assert hidden.dp_s == exposed[1].dp_s > 0
+
+
+def test_compute_efficiency_rises_with_gemm_size():
+    from megadeep.model.accounting import Gemm
+    from megadeep.planner.compute import TableCompute
+
+    comp = TableCompute.for_gpu(GPUS["A100-80"], "bf16")
+    rates = [g.flops / comp.gemm_s(g) for g in (Gemm("", 256, 256, 256), Gemm("", 2048, 2048, 2048),
+                                                  Gemm("", 8192, 12288, 12288))]
+    assert rates == sorted(rates) and rates[-1] < comp.gemm_rate and rates[0] < 0.5 * comp.gemm_rate
