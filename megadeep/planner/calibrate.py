@@ -149,15 +149,12 @@ def time_memory(dtype, device) -> float:
     return 3 * x.numel() * x.element_size() / _time(lambda: torch.add(x, y, out=z), 5)
 
 
-def _collective_worker(rank: int, world: int, port: int, out: str, backend: str) -> None:
+def collective_rates(device: torch.device) -> dict:
+    """Bus bandwidth and latency of each collective over the default process group (every rank calls
+    this together): op -> [bytes/s, seconds per call]."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world)
-    results = {}
+    rank, world = dist.get_rank(), dist.get_world_size()
 
     def run(op, nbytes):
         n = nbytes // 4
@@ -177,15 +174,29 @@ def _collective_worker(rank: int, world: int, port: int, out: str, backend: str)
                 (dist.send if rank % 2 == 0 else dist.recv)(x, peer)
         return p2p
 
+    results = {}
     for op in TRAFFIC:
         try:
-            (small, large) = [(nb, _time_barriered(run(op, nb), dist)) for nb in COLLECTIVE_BYTES]
-        except (RuntimeError, ValueError):  # e.g. gloo has no reduce_scatter_tensor: use all-reduce's rate
+            (s_bytes, s_t), (l_bytes, l_t) = [(nb, _time_barriered(run(op, nb), dist)) for nb in COLLECTIVE_BYTES]
+        except (RuntimeError, ValueError):  # e.g. gloo has no reduce_scatter_tensor
             continue
-        (s_bytes, s_t), (l_bytes, l_t) = small, large
         traffic = TRAFFIC[op](world)
         bw = traffic * (l_bytes - s_bytes) / max(l_t - s_t, 1e-9)
         results[op] = [bw, max(0.0, s_t - traffic * s_bytes / bw)]
+    for op in TRAFFIC:  # ops the backend lacks: at the all-reduce's rate (what a fallback would run)
+        results.setdefault(op, results["all_reduce"])
+    return results
+
+
+def _collective_worker(rank: int, world: int, port: int, out: str, backend: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    results = collective_rates(device)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -219,14 +230,12 @@ def measure_collectives(world: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "collectives.json")
         mp.start_processes(_collective_worker, args=(world, port, out, backend), nprocs=world, start_method="spawn")
-        results = json.loads(Path(out).read_text())
-    for op in TRAFFIC:  # ops the backend lacks run as the all-reduce megadeep falls back to
-        results.setdefault(op, results["all_reduce"])
-    return results
+        return json.loads(Path(out).read_text())
 
 
-def calibrate(model, seq: int, precision: str, tps, micro_batches, processes: int, repeats: int = 3) -> Calibration:
-    """Time this machine at the shapes of a plan over ``tps`` × ``micro_batches``."""
+def measure_kernels(model, seq: int, precision: str, tps, micro_batches, repeats: int = 3) -> Calibration:
+    """Time this process's GEMMs, attention and memory rate at the shapes of a plan over ``tps`` ×
+    ``micro_batches`` (no collectives: see ``collective_rates``)."""
     device = _device()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if device.type == "cpu":
@@ -237,4 +246,10 @@ def calibrate(model, seq: int, precision: str, tps, micro_batches, processes: in
     rates = [2.0 * r * i * c / gemms[_key(r, i, c)] for r, i, c in gemm_shapes]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     return Calibration(name, torch.tensor([], dtype=dtype).element_size(), max(rates), time_memory(dtype, device),
-                       gemms, attention, measure_collectives(processes), processes, socket.gethostname())
+                       gemms, attention, host=socket.gethostname())
+
+
+def calibrate(model, seq: int, precision: str, tps, micro_batches, processes: int, repeats: int = 3) -> Calibration:
+    """Kernels timed in this process, collectives among ``processes`` new ones on this machine."""
+    cal = measure_kernels(model, seq, precision, tps, micro_batches, repeats)
+    return replace(cal, collectives=measure_collectives(processes), processes=processes)
