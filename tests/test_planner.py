@@ -292,3 +292,69 @@ def test_compute_efficiency_rises_with_gemm_size():
     rates = [g.flops / comp.gemm_s(g) for g in (Gemm("", 256, 256, 256), Gemm("", 2048, 2048, 2048),
                                                   Gemm("", 8192, 12288, 12288))]
     assert rates == sorted(rates) and rates[-1] < comp.gemm_rate and rates[0] < 0.5 * comp.gemm_rate
+
+
+TINY_YAML = """model:
+  vocab_size: 512
+  dim: 64
+  n_layers: 2
+  n_heads: 4
+  max_seq_len: 64
+"""
+
+
+def test_plan_calibrates_saves_and_reuses(tmp_path, capsys):
+    """--calibrate times the run's GEMMs, attention and collectives here (2 gloo processes) and saves
+    them; --calibration reuses the file; --json carries each layout's time and memory breakdown."""
+    from megadeep.planner.calibrate import Calibration
+
+    (tmp_path / "tiny.yaml").write_text(TINY_YAML)
+    cal_path, js = tmp_path / "cal.json", tmp_path / "plan.json"
+    args = ["plan", "--model", str(tmp_path / "tiny.yaml"), "--seq-len", "32", "--global-batch", "4", "--nodes", "1",
+            "--gpus-per-node", "2", "--precision", "fp32", "--calibration", str(cal_path), "--json", str(js)]
+    assert main([*args, "--calibrate", "--calibrate-micro", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibrated on CPU (2 processes)" in printed and "where the step time" in printed
+    cal = Calibration.load(cal_path)
+    assert cal.gemms and cal.attention and cal.memory_rate > 0 and cal.processes == 2
+    assert set(cal.collectives) == {"all_reduce", "all_gather", "reduce_scatter", "p2p"}
+    # the measured GEMM of the run's first projection (micro-batch 1: 32 tokens, dim 64, q|k|v 192) is used as is
+    from megadeep.model.accounting import Gemm
+
+    assert cal.gemm_s(Gemm("wqkv", 32, 64, 192)) == cal.gemms["32,64,192"]
+    first = json.loads(js.read_text())
+    assert main(args) == 0  # reuse: no new measurement, the same ranking
+    again = json.loads(js.read_text())
+    assert "calibrated on" not in capsys.readouterr().out
+    assert first["ranked"] == again["ranked"] and first["calibration"] == str(cal_path)
+    best = first["ranked"][0]
+    parts = {k: v for k, v in best["time_s"].items() if k != "step"}
+    assert sum(parts.values()) == pytest.approx(best["time_s"]["step"], rel=1e-12)
+    assert best["memory_bytes"]["total"] == pytest.approx(sum(v for k, v in best["memory_bytes"].items()
+                                                              if k not in ("total", "host")), rel=1e-12)
+    assert main([*args[:-4], "--calibration", str(tmp_path / "missing.json")]) == 2
+
+
+def test_calibration_drives_the_estimate():
+    """Slower measured GEMMs or collectives make the predicted step slower by exactly their share."""
+    import dataclasses
+
+    from megadeep.planner.calibrate import Calibration
+
+    m = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, max_seq_len=64)
+    w = Workload(m, 32, 4, "fp32")
+    c = Candidate(2, 1, 1, "zero0", 1, "selective", True)
+    from megadeep.planner.calibrate import run_shapes
+
+    gemms, attn = run_shapes(m, 32, [2], [1])
+    cal = Calibration("CPU", 4, 1e10, 1e10, {",".join(map(str, g)): 1e-3 for g in gemms},
+                      {",".join(map(str, a)): [1e-3, 2e-3] for a in attn},
+                      {op: [1e9, 1e-4] for op in ("all_reduce", "all_gather", "reduce_scatter", "p2p")}, 2)
+    base = estimate(w, c, cal.local_cluster(GPUS["A100-80"].memory), cal)
+    slow_gemm = dataclasses.replace(cal, gemms={k: 2 * v for k, v in cal.gemms.items()})
+    e = estimate(w, c, slow_gemm.local_cluster(GPUS["A100-80"].memory), slow_gemm)
+    n_gemm = 3 * (4 * m.n_layers + 1)  # forward + two backward products of 4 layer matmuls and the head
+    assert e.compute_s - base.compute_s == pytest.approx(n_gemm * 1e-3 * base.micro_batches, rel=1e-9)
+    slow_net = dataclasses.replace(cal, collectives={op: [5e8, 1e-4] for op in cal.collectives})
+    e = estimate(w, c, slow_net.local_cluster(GPUS["A100-80"].memory), slow_net)
+    assert e.tp_s > base.tp_s and e.compute_s == base.compute_s

@@ -24,7 +24,7 @@ from megadeep.model.accounting import Gemm, attention_flops, backward_gemms, hea
 from megadeep.planner.hardware import GPU, TRAFFIC, Cluster
 
 MAX_GEMM_FLOPS = {"cpu": 2e10, "cuda": 1e13}  # bigger GEMMs are timed on a slice of their rows
-COLLECTIVE_BYTES = (1 << 12, 1 << 24)  # latency, bandwidth
+COLLECTIVE_BYTES = (1 << 12, 1 << 22)  # latency, bandwidth
 
 
 def _device() -> torch.device:
@@ -163,10 +163,10 @@ def collective_rates(device: torch.device) -> dict:
             return lambda: dist.all_reduce(x)
         if op == "all_gather":
             out_t = torch.empty(n * world, device=device)
-            return lambda: dist.all_gather_into_tensor(out_t, x)
+            return lambda: dist.all_gather_single(out_t, x)
         if op == "reduce_scatter":
             big = torch.ones(n * world, device=device)
-            return lambda: dist.reduce_scatter_tensor(x, big)
+            return lambda: dist.reduce_scatter_single(x, big)
         peer = rank ^ 1  # p2p between rank pairs: one direction, as a pipeline send
 
         def p2p():
@@ -178,10 +178,11 @@ def collective_rates(device: torch.device) -> dict:
     for op in TRAFFIC:
         try:
             (s_bytes, s_t), (l_bytes, l_t) = [(nb, _time_barriered(run(op, nb), dist)) for nb in COLLECTIVE_BYTES]
-        except (RuntimeError, ValueError):  # e.g. gloo has no reduce_scatter_tensor
+        except (RuntimeError, ValueError):  # e.g. a backend without reduce-scatter
             continue
         traffic = TRAFFIC[op](world)
-        bw = traffic * (l_bytes - s_bytes) / max(l_t - s_t, 1e-9)
+        # two points give latency and bandwidth; when noise hides the difference, the large one alone
+        bw = traffic * (l_bytes - s_bytes) / (l_t - s_t) if l_t > 2 * s_t else traffic * l_bytes / l_t
         results[op] = [bw, max(0.0, s_t - traffic * s_bytes / bw)]
     for op in TRAFFIC:  # ops the backend lacks: at the all-reduce's rate (what a fallback would run)
         results.setdefault(op, results["all_reduce"])
@@ -202,7 +203,7 @@ def _collective_worker(rank: int, world: int, port: int, out: str, backend: str)
     dist.destroy_process_group()
 
 
-def _time_barriered(fn, dist, repeats: int = 5) -> float:
+def _time_barriered(fn, dist, repeats: int = 3) -> float:
     fn()
     times = []
     for _ in range(repeats):

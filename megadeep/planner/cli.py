@@ -66,19 +66,17 @@ def print_plan(result, w, cluster, top: int) -> None:
 
 
 BREAKDOWN_ROWS = 3
-TIME_PARTS = (("compute", "compute"), ("recompute", "recompute"), ("bubble", "bubble"), ("tp_exposed", "TP exposed"),
-              ("pp_exposed", "PP exposed"), ("dp_exposed", "DP exposed"), ("optimizer", "optimizer"),
-              ("offload", "offload"))
-MEMORY_PARTS = (("model_states", "states"), ("activations", "activations"), ("buffers", "buffers"),
-                ("reserved", "reserved"))
+TIME_PARTS = (("compute", "compute"), ("recompute", "recomp"), ("bubble", "bubble"), ("tp_exposed", "TP"),
+              ("pp_exposed", "PP"), ("dp_exposed", "DP"), ("optimizer", "optim"), ("offload", "offload"))
+MEMORY_PARTS = (("model_states", "states"), ("activations", "acts"), ("buffers", "bufs"), ("reserved", "rsvd"))
 
 
 def breakdown_table(ranked):
     """Why the best layouts rank where they do: predicted step seconds and GPU GiB by part."""
     from rich.table import Table
 
-    table = Table(title="where the step time (s) and GPU memory (GiB) of the best layouts go; "
-                        "communication counts only what does not overlap compute")
+    table = Table(title="where the step time (s) and GPU memory (GiB) of the best layouts go "
+                        "(TP/PP/DP: communication that does not overlap compute)")
     for col in ("#", *(name for _, name in TIME_PARTS), "step s", *(name for _, name in MEMORY_PARTS), "GPU GiB"):
         table.add_column(col, justify="right")
     for i, e in enumerate(ranked, 1):
