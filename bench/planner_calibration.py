@@ -7,7 +7,9 @@ once so each measures its share of the cores, as in training) and the collective
 process group (``collective_rates``); then the run trains, and the median of its step times is
 compared with ``megadeep.planner.estimate`` fed that calibration (the same path as
 ``megadeep plan --calibrate``). The ratio is predicted / measured; 1.00 is a perfect prediction.
-What the planner does not model shows up in it: Python and DeepSpeed per-step overheads, data loading.
+What the planner does not model shows up in it: Python and DeepSpeed per-step overheads, data loading,
+and on a shared machine the load changing between the calibration and the steps (the load average
+before and after each layout is recorded with it).
 
     python -m bench.planner_calibration [--quick]
 """
@@ -93,11 +95,13 @@ def run(quick: bool = False) -> dict:
                    "bench.planner_calibration", "--worker", str(out), "--spec", json.dumps(spec), "--text", str(text),
                    "--steps", str(steps)]
             threads = str(max(1, (os.cpu_count() or 1) // nproc))
+            load = os.getloadavg()[0]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root,
                                   env={**os.environ, "OMP_NUM_THREADS": threads})
             if proc.returncode != 0:
                 raise RuntimeError(f"planner_calibration worker ({name}) failed:\n{proc.stderr[-4000:]}")
-            results[name] = {"processes": nproc, "spec": spec, **json.loads(out.read_text())}
+            results[name] = {"processes": nproc, "spec": spec, "loadavg_before_after": [load, os.getloadavg()[0]],
+                             **json.loads(out.read_text())}
     return {"precision": "fp32", "steps": steps, "results": results}
 
 
