@@ -40,6 +40,8 @@ def me() -> dict:
 
 
 def _alive(owner: dict, mine: dict) -> bool:
+    if not owner:
+        return False  # unreadable: the lock is written whole (os.link), so this is debris, not a run
     if owner.get("job") and owner.get("job") == mine["job"]:
         return False  # an earlier start of this job: a requeued job's previous run has ended
     if owner.get("host") != mine["host"]:

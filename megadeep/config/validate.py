@@ -61,23 +61,31 @@ def _probe_writable(directory: Path) -> str | None:
     return None
 
 
-def check_writable_dir(path: str, key: str) -> None:
-    """``path`` is a writable directory, or one that can be made (its nearest existing ancestor is)."""
-    p = Path(path).expanduser().absolute()
-    _require(not p.exists() or p.is_dir(), f"{key}='{path}' exists and is not a directory")
+def _dir_problem(p: Path) -> str | None:
+    """Why no files can be written in directory ``p`` (made if missing), or None."""
+    if p.exists() and not p.is_dir():
+        return "exists and is not a directory"
     ancestor = p
     while not ancestor.exists():
         ancestor = ancestor.parent
-    _require(ancestor.is_dir(), f"{key}='{path}' cannot be created: '{ancestor}' is a file")
+    if not ancestor.is_dir():
+        return f"cannot be created: '{ancestor}' is a file"
     why = _probe_writable(ancestor)
-    _require(why is None, f"{key}='{path}' is not writable ({why} in '{ancestor}'); choose another directory")
+    return None if why is None else f"is not writable ({why} in '{ancestor}')"
+
+
+def check_writable_dir(path: str, key: str) -> None:
+    """``path`` is a writable directory, or one that can be made (its nearest existing ancestor is)."""
+    problem = _dir_problem(Path(path).expanduser().absolute())
+    _require(problem is None, f"{key}='{path}' {problem}; choose another directory")
 
 
 def check_writable_file(path: str, key: str) -> None:
     """``path`` is a file that can be written: not a directory, in a directory that can be made."""
-    p = Path(path).expanduser()
+    p = Path(path).expanduser().absolute()
     _require(not p.is_dir(), f"{key}='{path}' is a directory; give a file name")
-    check_writable_dir(str(p.absolute().parent), f"the directory of {key}")
+    problem = _dir_problem(p.parent)
+    _require(problem is None, f"{key}='{path}' cannot be written: its directory '{p.parent}' {problem}")
 
 
 def _check_model(cfg: RunConfig) -> None:
@@ -173,15 +181,23 @@ def _check_batch(cfg: RunConfig, dp: int) -> int:
     return accum
 
 
+def _cuda_available() -> bool:
+    """torch.cuda.is_available(), without the seconds of importing torch where no GPU driver
+    (NVIDIA or ROCm) is present at all."""
+    if not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd")):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _check_training(cfg: RunConfig) -> None:
     t, o = cfg.train, cfg.optim
     _require(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got '{t.precision}'")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got '{t.device}'")
-    if t.device == "cuda":  # torch only here: it takes seconds to import
-        import torch
-
-        _require(torch.cuda.is_available(), "train.device=cuda but no CUDA device is visible here "
-                                            "(torch.cuda.is_available() is false); use train.device=auto or cpu")
+    if t.device == "cuda":
+        _require(_cuda_available(), "train.device=cuda but no CUDA device is visible here "
+                                    "(torch.cuda.is_available() is false); use train.device=auto or cpu")
     _require(0 <= t.seed < 2**32, f"train.seed must be in [0, 2^32), got {t.seed}")
     _require(t.dist_timeout_s > 0, f"train.dist_timeout_s must be positive, got {t.dist_timeout_s}")
     _require(t.eval_every >= 0, f"train.eval_every must be ≥ 0 (0: only at the end), got {t.eval_every}")
