@@ -11,13 +11,15 @@ import sys
 
 import pytest
 
+from megadeep.config import load_config, resolve
 from megadeep.config.schema import ModelConfig
 from megadeep.errors import ConfigError
 from megadeep.pipeline.partition import describe, layer_names, stage_bounds
-from tests.helpers import rel_err, run_parity, write_text
+from tests.helpers import ROOT, rel_err, run_parity, write_text
 from tests.workers.parity import TINY
 
 TOL = 1e-5
+TINY_YAML = str(ROOT / "configs" / "tiny.yaml")
 L4 = "layers=4,warmup=5"
 
 
@@ -104,6 +106,7 @@ def stages(m: ModelConfig, pp: int, method: str, tp: int = 1) -> list[str]:
 def test_every_method_gives_every_stage_a_block():
     """The default (parameters) on the 4-stage layout users try first: DeepSpeed's own balancing gave
     stage 0 only the embedding (refused after launch); megadeep's keeps a block on every stage."""
+    resolve(load_config(TINY_YAML, ["parallel.tp=1", "parallel.pp=4"]), 4)  # the issue's layout passes the checks
     tiny = ModelConfig(vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384)
     assert stages(tiny, 4, "parameters") == ["tok_embeddings, layers.0", "layers.1", "layers.2",
                                              "layers.3, norm, output"]

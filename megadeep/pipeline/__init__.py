@@ -11,5 +11,9 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"megadeep.pipeline.{_EXPORTS[name]}"), name)
+        where = _EXPORTS[name]
+        module = importlib.import_module(f"megadeep.pipeline.{where}")
+        # importing submodule ``topology`` binds that name to the module: rebind the exports after it
+        globals().update({n: getattr(module, n) for n, w in _EXPORTS.items() if w == where})
+        return globals()[name]
     raise AttributeError(f"module 'megadeep.pipeline' has no attribute '{name}'")
