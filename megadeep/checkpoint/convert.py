@@ -56,7 +56,7 @@ def open_verified(path: Path) -> store.Checkpoint:
     holds every tensor its meta.json describes: a checkpoint of no tensors is not a checkpoint."""
     ckpt = store.Checkpoint.open(path)
     ckpt.verify(sorted(ckpt.files))
-    ckpt.model_config  # noqa: B018 -- typed on access: a malformed model section fails here, not later
+    _ = ckpt.model_config  # typed on access: a malformed model section fails here, not later
     reader = TensorReader(ckpt)
     if not reader.specs:
         raise CheckpointError(f"{path}: holds no parameters (meta.json lists none)")
