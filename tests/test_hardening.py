@@ -416,3 +416,17 @@ def test_a_checkpoint_without_tensors_is_never_verified(tmp_path, capsys):
     assert main(["ckpt", "info", str(ckpt)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no tensor" in err and "verified" not in err
+
+
+def test_only_rank_0_locks_and_ranks_of_a_locking_launcher_do_not(tmp_path, monkeypatch):
+    """Under srun/torchrun without megadeep's launcher, global rank 0 takes the lock; the ranks
+    ``megadeep train --nproc`` starts inherit the launcher's (MEGADEEP_CKPT_LOCK) and take none."""
+    with lock.holding(str(tmp_path), rank=1):
+        assert not (tmp_path / lock.LOCK).exists()
+    with lock.holding(str(tmp_path), rank=0):
+        held = tmp_path / lock.LOCK
+        assert held.exists() and os.environ[lock.HELD_ENV] == str(held)
+        with lock.holding(str(tmp_path), rank=0):  # a rank started under this launcher
+            assert json.loads(held.read_text())["pid"] == os.getpid()
+        assert held.exists()  # the inner one released nothing
+    assert not held.exists() and lock.HELD_ENV not in os.environ
