@@ -10,6 +10,7 @@ from megadeep.data.cli import add_data
 from megadeep.errors import CheckpointError, ConfigError, RunAborted
 from megadeep.launch.args import add_launch_args, load_for_launch
 from megadeep.launch.cli import add_launch
+from megadeep.launch.local import guard_rank
 from megadeep.monitoring.plot import add_plot
 from megadeep.planner.cli import add_plan
 from megadeep.training.memory_cli import add_memory
@@ -19,15 +20,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from megadeep.training import preemption
 
     preemption.install()  # now: SIGUSR1's default action would kill a rank still loading torch
+    from megadeep.checkpoint.lock import holding
+    from megadeep.launch.env import discover
+
     cfg, spawn = load_for_launch(args)
-    if spawn:
-        from megadeep.launch.local import run_local
+    with holding(cfg.checkpoint.dir, 0 if spawn else discover().rank):  # before any rank starts
+        if spawn:
+            from megadeep.launch.local import run_local
 
-        return run_local(cfg, spawn)
-    from megadeep.launch.slurm import REQUEUE_EXIT
-    from megadeep.training.trainer import train
+            return run_local(cfg, spawn)
+        from megadeep.launch.slurm import REQUEUE_EXIT
+        from megadeep.training.trainer import train
 
-    return REQUEUE_EXIT if train(cfg).preempted else 0
+        return REQUEUE_EXIT if train(cfg).preempted else 0
 
 
 def add_train(sub) -> None:
@@ -39,8 +44,17 @@ def add_train(sub) -> None:
 COMMANDS = [add_train, add_data, add_memory, add_launch, add_plan, add_plot, add_ckpt]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the usage first); ``--help`` still
+    shows it. Subcommand parsers are of this class too (argparse makes them ``type(parent)``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"megadeep: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="megadeep", description=__doc__)
+    guard_rank()  # first: a rank whose launcher is already gone must not start training
+    parser = Parser(prog="megadeep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)

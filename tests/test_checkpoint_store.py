@@ -10,6 +10,14 @@ from megadeep.checkpoint.store import Checkpoint
 from megadeep.errors import CheckpointError
 
 
+def meta(step):
+    """The fields readers rely on (what CheckpointManager writes, less the run config's details)."""
+    return {"step": step, "consumed_samples": 8 * step, "layout": {"tp": 1, "pp": 1, "dp": 1},
+            "config": {"model": {"dim": 1000}}, "optimizer": None, "rng": False,
+            "params": {"w": {"shape": [1000], "partition_dim": None, "partition_blocks": None, "stage": 0,
+                             "vocab": False}}}
+
+
 def save(root, step, payload=None):
     tmp = store.begin(root, step)
     files = {
@@ -17,7 +25,7 @@ def save(root, step, payload=None):
                                                            {"w": torch.arange(1000.0) + step}),
         "rng/rank00000.pt": store.write_pt(tmp, "rng/rank00000.pt", payload or {"torch": torch.get_rng_state()}),
     }
-    files[store.META] = store.write_json(tmp, store.META, {"step": step})
+    files[store.META] = store.write_json(tmp, store.META, meta(step))
     return store.commit(tmp, files, step)
 
 

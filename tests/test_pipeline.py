@@ -11,13 +11,15 @@ import sys
 
 import pytest
 
+from megadeep.config import load_config, resolve
 from megadeep.config.schema import ModelConfig
 from megadeep.errors import ConfigError
-from megadeep.pipeline.stages import layer_specs, require_block_per_stage
-from tests.helpers import rel_err, run_parity, write_text
+from megadeep.pipeline.partition import describe, layer_names, stage_bounds
+from tests.helpers import ROOT, rel_err, run_parity, write_text
 from tests.workers.parity import TINY
 
 TOL = 1e-5
+TINY_YAML = str(ROOT / "configs" / "tiny.yaml")
 L4 = "layers=4,warmup=5"
 
 
@@ -96,11 +98,38 @@ def test_pipeline_checkpointing_replays_dropout(launch):
     assert rel_err(ckpt["grad_norm"], plain["grad_norm"]) < TOL
 
 
-def test_partition_leaving_a_stage_without_a_block_is_refused():
-    _, names = layer_specs(ModelConfig(n_layers=4), sequence_parallel=False)
-    require_block_per_stage([0, 2, 3, 4, 7], names, "parameters")  # embedding and head travel with blocks
-    with pytest.raises(ConfigError, match=r"gives pipeline stage 3 no decoder block \(output\); use "):
-        require_block_per_stage([0, 2, 4, 6, 7], names, "uniform")  # uniform over 7 layers, 4 stages
+def stages(m: ModelConfig, pp: int, method: str, tp: int = 1) -> list[str]:
+    bounds, names = stage_bounds(m, tp, pp, method), layer_names(m)
+    return [describe(names[bounds[s]:bounds[s + 1]]) for s in range(pp)]
+
+
+def test_every_method_gives_every_stage_a_block():
+    """The default (parameters) on the 4-stage layout users try first: DeepSpeed's own balancing gave
+    stage 0 only the embedding (refused after launch); megadeep's keeps a block on every stage."""
+    resolve(load_config(TINY_YAML, ["parallel.tp=1", "parallel.pp=4"]), 4)  # the issue's layout passes the checks
+    tiny = ModelConfig(vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384)
+    assert stages(tiny, 4, "parameters") == ["tok_embeddings, layers.0", "layers.1", "layers.2",
+                                             "layers.3, norm, output"]
+    assert stages(tiny, 2, "parameters") == ["tok_embeddings, layers.0-1", "layers.2-3, norm, output"]
+    for model in (tiny, ModelConfig(n_layers=7), ModelConfig(vocab_size=50000, n_layers=5, tie_embeddings=False)):
+        for pp in range(1, model.n_layers + 1):
+            for method in ("parameters", "uniform", "type:Block", "type:embed|block"):
+                bounds = stage_bounds(model, 2, pp, method)
+                assert bounds[0] == 0 and bounds[-1] == model.n_layers + 3 and len(bounds) == pp + 1
+                assert all(any(n.startswith("layers.") for n in layer_names(model)[a:b])
+                           for a, b in zip(bounds, bounds[1:])), (pp, method, bounds)
+    # a huge untied vocabulary: the embedding and the head each weigh more than all blocks together, so
+    # balancing by parameters gives them a stage of one block each and the middle stage the rest
+    big = ModelConfig(vocab_size=50000, dim=128, n_layers=5)
+    assert stages(big, 3, "parameters") == ["tok_embeddings, layers.0", "layers.1-3", "layers.4, norm, output"]
+    assert stages(tiny, 3, "uniform") == ["tok_embeddings, layers.0", "layers.1", "layers.2-3, norm, output"]
+
+
+@pytest.mark.parametrize("method, says", [("type:[", "is not a valid regex"), ("type:Conv", "matches no layer type"),
+                                          ("balanced", "must be one of parameters, uniform")])
+def test_bad_partition_methods_are_refused(method, says):
+    with pytest.raises(ConfigError, match=says):
+        stage_bounds(ModelConfig(n_layers=4), 1, 2, method)
 
 
 def test_cli_trains_2x2x2_on_8_processes(text, reference, tmp_path):

@@ -8,6 +8,7 @@ lets every rank of the new layout read its own file only).
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +18,8 @@ from megadeep.checkpoint import store
 from megadeep.checkpoint.tensors import KINDS, ParamSpec, TensorReader, piece_from_full, tensor_file
 from megadeep.config.schema import ModelConfig
 from megadeep.errors import CheckpointError
+
+log = logging.getLogger("megadeep.checkpoint")
 
 
 def canonical_specs(model_cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -49,21 +52,50 @@ def write_checkpoint(root: Path, meta: dict, specs: dict[str, ParamSpec], full: 
 
 
 def open_verified(path: Path) -> store.Checkpoint:
-    """Open a checkpoint and check every file it lists (offline tools read all of them)."""
+    """Open a checkpoint and check every file it lists (offline tools read all of them), and that it
+    holds every tensor its meta.json describes: a checkpoint of no tensors is not a checkpoint."""
     ckpt = store.Checkpoint.open(path)
     ckpt.verify(sorted(ckpt.files))
+    _ = ckpt.model_config  # typed on access: a malformed model section fails here, not later
+    reader = TensorReader(ckpt)
+    if not reader.specs:
+        raise CheckpointError(f"{path}: holds no parameters (meta.json lists none)")
+    keys: dict[str, set] = {}
+    for name, spec in reader.specs.items():
+        for rel in (tensor_file("model", r, spec.stage) for r in range(reader.tp)):
+            if rel not in keys:
+                keys[rel] = set(ckpt.tensor_keys(rel)) if ckpt.has(rel) else set()
+            if name not in keys[rel]:
+                raise CheckpointError(f"{path}: has no tensor '{name}' in {rel}")
     return ckpt
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory, or a run's checkpoint dir (its ``latest``)."""
+def open_source(path: Path) -> store.Checkpoint:
+    """The checkpoint ``path`` names, verified: a ``step_XXXXXXXX`` directory (exactly that one), or a
+    run's checkpoint dir, whose ``latest`` is used, else (missing, dangling or damaged) the newest
+    usable checkpoint there, with a warning."""
     path = Path(path)
     if store.is_checkpoint(path):
-        return path
-    latest = store.latest(path)
-    if latest is None:
-        raise CheckpointError(f"{path}: neither a checkpoint (no manifest.json) nor a checkpoint dir with 'latest'")
-    return latest
+        return open_verified(path)
+    found = store.candidates(path)
+    pointed = store.latest(path)
+    if pointed is not None:
+        found = [pointed, *[p for p in found if p != pointed]]
+    problems = []
+    for candidate in found:
+        try:
+            ckpt = open_verified(candidate)
+        except CheckpointError as e:
+            problems.append(str(e))
+            log.warning(f"megadeep: warning: checkpoint {candidate} is unusable: {e}")
+            continue
+        if candidate != pointed:
+            log.warning(f"megadeep: warning: {path / store.LATEST} is missing, unreadable or names no usable "
+                        f"checkpoint; using the newest usable one, {candidate}")
+        return ckpt
+    if problems:
+        raise CheckpointError(f"{path}: no usable checkpoint ({len(problems)} tried, newest: {problems[0]})")
+    raise CheckpointError(f"{path}: neither a checkpoint (no manifest.json) nor a checkpoint dir holding one")
 
 
 def reshard(src: Path, dst_root: Path, tp: int, pp: int = 1) -> Path:
@@ -71,7 +103,7 @@ def reshard(src: Path, dst_root: Path, tp: int, pp: int = 1) -> Path:
     if pp != 1:
         raise CheckpointError("offline resharding to pp>1 needs the pipeline stage map; load the PP=1 checkpoint "
                               "into the pipeline run instead (it reshards on load)")
-    ckpt = open_verified(resolve_checkpoint(src))
+    ckpt = open_source(src)
     reader = TensorReader(ckpt)
     model_cfg = ckpt.model_config
     if tp < 1 or model_cfg.n_heads % tp or model_cfg.kv_heads % tp or model_cfg.hidden_ffn % tp:

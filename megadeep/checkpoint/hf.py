@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from megadeep.checkpoint.convert import canonical_specs, open_verified, resolve_checkpoint, write_checkpoint
+from megadeep.checkpoint.convert import canonical_specs, open_source, write_checkpoint
 from megadeep.checkpoint.tensors import TensorReader
 from megadeep.config.load import to_dict
 from megadeep.config.schema import ModelConfig, RunConfig
@@ -112,7 +112,7 @@ def export_hf(src: Path, out: Path, dtype: str = "float32", tokenizer: str | Non
 
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    ckpt = open_verified(resolve_checkpoint(src))
+    ckpt = open_source(src)
     m = ckpt.model_config
     config = hf_config(m, dtype)
     reader = TensorReader(ckpt)
@@ -160,7 +160,7 @@ def import_hf(folder: Path, dst_root: Path, tp: int = 1) -> Path:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
     m = model_config_from_hf(json.loads((folder / "config.json").read_text()))
-    if m.n_heads % tp or m.kv_heads % tp or m.hidden_ffn % tp:
+    if tp < 1 or m.n_heads % tp or m.kv_heads % tp or m.hidden_ffn % tp:
         raise CheckpointError(f"tp={tp} does not divide the heads ({m.n_heads}), kv-heads ({m.kv_heads}) "
                               f"and FFN width ({m.hidden_ffn})")
     hf = read_hf_weights(folder)

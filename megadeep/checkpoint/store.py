@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megadeep.config.schema import ModelConfig
-from megadeep.errors import CheckpointError
+from megadeep.errors import CheckpointError, ConfigError
 
 FORMAT = "megadeep-checkpoint"
 VERSION = 1
@@ -144,10 +144,15 @@ def candidates(root: Path) -> list[Path]:
 
 
 def latest(root: Path) -> Path | None:
-    p = root / LATEST
-    if not p.is_file():
+    """The checkpoint ``latest`` names, or None when it is missing, unreadable, not a
+    ``step_XXXXXXXX`` name (binary junk, a path elsewhere) or points at nothing."""
+    try:
+        name = (root / LATEST).read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
         return None
-    target = root / p.read_text().strip()
+    if _TAG.match(name) is None:
+        return None
+    target = root / name
     return target if target.is_dir() else None
 
 
@@ -172,12 +177,18 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
-        return int(self.meta["step"])
+        return self.meta["step"]
 
     @property
     def model_config(self) -> ModelConfig:
+        from megadeep.config.load import typed
+
         known = {f.name for f in dataclasses.fields(ModelConfig)}
-        return ModelConfig(**{k: v for k, v in self.meta["config"]["model"].items() if k in known})
+        saved = {k: v for k, v in self.meta["config"]["model"].items() if k in known}
+        try:
+            return typed(ModelConfig, saved, "model")
+        except ConfigError as e:
+            raise CheckpointError(f"{self.path / META}: {e}") from None
 
     @classmethod
     def open(cls, path: Path) -> "Checkpoint":
@@ -186,15 +197,23 @@ class Checkpoint:
         manifest = read_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
         if manifest is None:
             raise CheckpointError(f"{path / MANIFEST}: missing (not a checkpoint, or an unfinished save)")
+        if not isinstance(manifest, dict):
+            raise CheckpointError(f"{path / MANIFEST}: a JSON {type(manifest).__name__}, not an object")
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise CheckpointError(f"{path / MANIFEST}: format {manifest.get('format')!r} version "
                                   f"{manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}")
         files = manifest.get("files")
         if not isinstance(files, dict) or META not in files:
             raise CheckpointError(f"{path / MANIFEST}: no file list, or meta.json is not in it")
+        for rel, rec in files.items():
+            ok = isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and _count(rec.get("bytes"))
+            if not ok or Path(rel).is_absolute() or ".." in Path(rel).parts:
+                raise CheckpointError(f"{path / MANIFEST}: malformed entry for {rel!r} (want a relative path "
+                                      "with 'sha256' and 'bytes')")
         ckpt = cls(path, files, {})
         ckpt.verify([META])
         ckpt.meta = read_json(path / META)
+        _check_meta(ckpt.meta, path / META)
         return ckpt
 
     def has(self, rel: str) -> bool:
@@ -249,6 +268,33 @@ class Checkpoint:
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{self.path / rel}: refused by torch.load(weights_only=True): {first}") from None
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_meta(meta, where: Path) -> None:
+    """The fields every reader relies on, with their types: a malformed meta.json is a
+    :class:`CheckpointError` (a fall-back to the previous checkpoint), never a crash."""
+    def bad(what: str):
+        raise CheckpointError(f"{where}: {what}")
+
+    if not isinstance(meta, dict):
+        bad(f"a JSON {type(meta).__name__}, not an object")
+    for key in ("step", "consumed_samples"):
+        if not _count(meta.get(key)):
+            bad(f"'{key}' must be a non-negative integer, got {meta.get(key)!r}")
+    layout = meta.get("layout")
+    if not isinstance(layout, dict) or not all(_count(layout.get(k)) and layout[k] >= 1 for k in ("tp", "pp", "dp")):
+        bad(f"'layout' must give tp, pp and dp ≥ 1, got {layout!r}")
+    config = meta.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        bad("'config' must hold the run config with its 'model' section")
+    if not isinstance(meta.get("params"), dict):
+        bad("'params' must map parameter names to their specs")
+    if meta.get("optimizer") is not None and not isinstance(meta["optimizer"], dict):
+        bad("'optimizer' must be an object or null")
 
 
 def prune(root: Path, keep_last: int, keep_every: int, protect: Path | None = None) -> list[Path]:

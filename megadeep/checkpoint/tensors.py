@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from megadeep.errors import CheckpointError
 from megadeep.parallel.sharding import shard, unshard
 
 KINDS = ("model", "exp_avg", "exp_avg_sq")
@@ -55,7 +56,11 @@ class ParamSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> "ParamSpec":
-        return cls(list(d["shape"]), d["partition_dim"], d["partition_blocks"], int(d["stage"]), bool(d["vocab"]))
+        shape, dim, blocks = d["shape"], d["partition_dim"], d["partition_blocks"]
+        if not (isinstance(shape, list) and all(isinstance(x, int) for x in shape)
+                and (dim is None or isinstance(dim, int)) and (blocks is None or isinstance(blocks, list))):
+            raise ValueError(f"shape {shape!r}, partition_dim {dim!r}, partition_blocks {blocks!r}")
+        return cls(shape, dim, blocks, int(d["stage"]), bool(d["vocab"]))
 
     @property
     def blocks(self) -> tuple[int, ...] | None:
@@ -85,7 +90,10 @@ class TensorReader:
     def __init__(self, ckpt):
         self.ckpt = ckpt
         self.tp = int(ckpt.meta["layout"]["tp"])
-        self.specs = {n: ParamSpec.from_json(s) for n, s in ckpt.meta["params"].items()}
+        try:
+            self.specs = {n: ParamSpec.from_json(s) for n, s in ckpt.meta["params"].items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{ckpt.path}/meta.json: malformed parameter spec ({type(e).__name__}: {e})") from None
 
     def files(self, kind: str, name: str, tp_rank: int, tp: int) -> list[str]:
         """The files a rank at ``(tp_rank, tp)`` reads for ``name``: its own piece, or all of them."""

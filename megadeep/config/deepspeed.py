@@ -11,6 +11,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from megadeep.config.load import read_text, unique_json
 from megadeep.config.schema import RunConfig
 from megadeep.errors import ConfigError
 
@@ -32,7 +33,7 @@ def available_recipes() -> list[str]:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "DeepSpeed config"), object_pairs_hook=unique_json)
     except json.JSONDecodeError as e:
         raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON (line {e.lineno}): fix the file") from None
     if not isinstance(data, dict):
@@ -67,13 +68,26 @@ def load_recipe(name: str) -> dict:
     return recipe
 
 
+def _zero(recipe: dict) -> dict:
+    zero = recipe.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"'zero_optimization' in a DeepSpeed config must be a JSON object, got {zero!r}")
+    return zero
+
+
 def zero_stage(recipe: dict) -> int:
-    return int(recipe.get("zero_optimization", {}).get("stage", 0))
+    stage = _zero(recipe).get("stage", 0)
+    if not isinstance(stage, int) or isinstance(stage, bool):
+        raise ConfigError(f"zero_optimization.stage in a DeepSpeed config must be an integer 0-3, got {stage!r}")
+    return stage
 
 
 def offload_devices(recipe: dict) -> tuple[str, str]:
     """(optimizer, param) offload devices: 'none', 'cpu' or 'nvme'."""
-    zero = recipe.get("zero_optimization", {})
+    zero = _zero(recipe)
+    for block in ("offload_optimizer", "offload_param"):
+        if not isinstance(zero.get(block, {}), dict):
+            raise ConfigError(f"zero_optimization.{block} in a DeepSpeed config must be a JSON object")
     return (
         zero.get("offload_optimizer", {}).get("device", "none"),
         zero.get("offload_param", {}).get("device", "none"),

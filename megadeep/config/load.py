@@ -32,8 +32,31 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+def _unique_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: PyYAML keeps the last of two ``train:`` sections silently,
+    which would train with half of what the file says."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"key '{key}' appears twice in one mapping (line {key_node.start_mark.line + 1}); "
+                              "merge the two into one")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _yaml(text: str, what: str) -> Any:
+    """Parse ``text``; a syntax error is one :class:`ConfigError` line naming ``what`` and where."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{what} is not valid YAML{at}: {problem}") from None
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -110,7 +133,10 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. parallel.tp=2)")
-        out.append((key.strip(), _yaml(raw) if raw.strip() else ""))
+        key = key.strip()
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise ConfigError(f"override '{item}': '{key}' is not a dotted key (e.g. parallel.tp=2)")
+        out.append((key, _yaml(raw, f"override '{item}'") if raw.strip() else ""))
     return out
 
 
@@ -120,10 +146,34 @@ def _apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def typed(cls: type, data: dict, where: str = "") -> Any:
+    """A config dataclass from a plain dict (e.g. one saved in a checkpoint), typed and checked for
+    unknown keys like a run config."""
+    return _build(cls, data, where)
+
+
 def settings_from_overrides(cls: type, overrides: list[str] = ()) -> Any:
     """A settings dataclass (e.g. preprocessing) from its defaults and dotted ``key=value`` overrides,
     typed and checked for unknown keys exactly like run configs."""
     return _build(cls, _apply_overrides({}, overrides), "")
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file, or one :class:`ConfigError` line saying why it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{what} '{path}' cannot be read: {e.strerror}") from None
+
+
+def unique_json(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"key '{dup}' appears twice in one JSON object; merge the two into one")
+    return dict(pairs)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -132,15 +182,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
+            raise ConfigError(f"config file '{path}' does not exist" + (" (it is a directory)" if p.is_dir() else ""))
+        text = read_text(p, "config file")
         try:
-            tree = (json.loads(p.read_text()) if p.suffix == ".json" else _yaml(p.read_text())) or {}
+            tree = (json.loads(text, object_pairs_hook=unique_json) if p.suffix == ".json"
+                    else _yaml(text, f"config file '{path}'")) or {}
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file '{path}' is not valid JSON at line {e.lineno}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file '{path}' is not valid YAML{at}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
     return _build(RunConfig, _apply_overrides(tree, overrides), "")

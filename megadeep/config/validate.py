@@ -5,12 +5,19 @@ Each failure is one :class:`ConfigError` line naming the keys involved and a way
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
+import os
+import re
+import sys
+import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 
 from megadeep.config.deepspeed import PRECISIONS, load_recipe, offload_devices, zero_stage
 from megadeep.config.schema import ADAM_CHOICES, RunConfig
 from megadeep.errors import ConfigError
+from megadeep.pipeline.partition import check_method
 
 BYTE_VOCAB = 256  # data.source=bytes: one token per byte value
 
@@ -20,10 +27,78 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(name: str, key: str = "name") -> None:
+    """A name that becomes a path component (runs/NAME/…, a SLURM job name): no separators, no ``..``."""
+    _require(bool(NAME.fullmatch(name)) and ".." not in name,
+             f"{key}='{name}' must be 1-128 letters, digits, '.', '_' or '-' (starting with a letter or digit, "
+             "no '..'): it becomes a directory name")
+
+
+def check_finite(cfg) -> None:
+    """No inf/NaN anywhere: YAML reads ``.inf``/``nan`` and ``float()`` reads ``inf``, and an infinite
+    lr only shows up as a crash at the first save."""
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(part):
+            continue
+        for f in dataclasses.fields(part):
+            v = getattr(part, f.name)
+            values = v if isinstance(v, list) else [v]
+            for x in values:
+                _require(not isinstance(x, float) or math.isfinite(x),
+                         f"{section.name}.{f.name} must be a finite number, got {v}")
+
+
+def _probe_writable(directory: Path) -> str | None:
+    """Why files cannot be made in the existing ``directory``, or None (an actual attempt: root
+    passes every permission check, a read-only or virtual file system still refuses)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".megadeep-probe-", dir=directory))
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def _dir_problem(p: Path) -> str | None:
+    """Why no files can be written in directory ``p`` (made if missing), or None."""
+    if p.exists() and not p.is_dir():
+        return "exists and is not a directory"
+    ancestor = p
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot be created: '{ancestor}' is a file"
+    why = _probe_writable(ancestor)
+    return None if why is None else f"is not writable ({why} in '{ancestor}')"
+
+
+def check_writable_dir(path: str, key: str) -> None:
+    """``path`` is a writable directory, or one that can be made (its nearest existing ancestor is)."""
+    problem = _dir_problem(Path(path).expanduser().absolute())
+    _require(problem is None, f"{key}='{path}' {problem}; choose another directory")
+
+
+def check_writable_file(path: str, key: str) -> None:
+    """``path`` is a file that can be written: not a directory, in a directory that can be made."""
+    p = Path(path).expanduser().absolute()
+    _require(not p.is_dir(), f"{key}='{path}' is a directory; give a file name")
+    problem = _dir_problem(p.parent)
+    _require(problem is None, f"{key}='{path}' cannot be written: its directory '{p.parent}' {problem}")
+
+
 def _check_model(cfg: RunConfig) -> None:
     m, tp = cfg.model, cfg.parallel.tp
-    for key in ("dim", "n_layers", "n_heads", "max_seq_len", "vocab_pad_unit"):
+    for key in ("dim", "n_layers", "n_heads", "max_seq_len", "vocab_pad_unit", "ffn_multiple_of"):
         _require(getattr(m, key) >= 1, f"model.{key} must be at least 1, got {getattr(m, key)}")
+    _require(m.vocab_size >= 0, f"model.vocab_size must be ≥ 0 (0: from the data), got {m.vocab_size}")
+    for key in ("n_kv_heads", "ffn_dim"):
+        v = getattr(m, key)
+        _require(v is None or v >= 1, f"model.{key} must be at least 1 (or null: derived), got {v}")
+    for key in ("norm_eps", "rope_theta", "init_std"):
+        _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     _require(m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
     _require(m.head_dim % 2 == 0, f"head dim model.dim/model.n_heads={m.head_dim} must be even for RoPE")
     _require(
@@ -56,6 +131,14 @@ def _check_model(cfg: RunConfig) -> None:
     )
 
 
+def check_model_alone(cfg: RunConfig) -> None:
+    """The model section by itself, before any layout is chosen (``megadeep plan`` picks one)."""
+    check_finite(cfg)
+    single = copy.deepcopy(cfg)
+    single.parallel.tp = 1
+    _check_model(single)
+
+
 def _check_layout(cfg: RunConfig, world_size: int) -> None:
     p = cfg.parallel
     _require(p.tp >= 1 and p.pp >= 1 and p.dp >= 0, "parallel.tp and parallel.pp must be ≥ 1 and parallel.dp ≥ 0")
@@ -74,10 +157,8 @@ def _check_layout(cfg: RunConfig, world_size: int) -> None:
         p.pp <= cfg.model.n_layers,
         f"parallel.pp={p.pp} is more pipeline stages than model.n_layers={cfg.model.n_layers}",
     )
-    _require(
-        p.partition_method in ("parameters", "uniform") or p.partition_method.startswith("type:"),
-        f"parallel.partition_method must be parameters, uniform or type:<regex>, got '{p.partition_method}'",
-    )
+    _require(p.pipeline_checkpoint_interval >= 0,
+             f"parallel.pipeline_checkpoint_interval must be ≥ 0, got {p.pipeline_checkpoint_interval}")
     if p.sequence_parallel:
         _require(
             cfg.train.seq_len % p.tp == 0,
@@ -101,10 +182,31 @@ def _check_batch(cfg: RunConfig, dp: int) -> int:
     return accum
 
 
+def _cuda_available() -> bool:
+    """torch.cuda.is_available(), without the seconds of importing torch where no GPU driver
+    (NVIDIA or ROCm) is present at all (torch already loaded, e.g. patched in a test: ask it)."""
+    drivers = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd")
+    if "torch" not in sys.modules and not any(Path(p).exists() for p in drivers):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _check_training(cfg: RunConfig) -> None:
     t, o = cfg.train, cfg.optim
     _require(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got '{t.precision}'")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got '{t.device}'")
+    if t.device == "cuda":
+        _require(_cuda_available(), "train.device=cuda but no CUDA device is visible here "
+                                    "(torch.cuda.is_available() is false); use train.device=auto or cpu")
+    _require(0 <= t.seed < 2**32, f"train.seed must be in [0, 2^32), got {t.seed}")
+    _require(t.dist_timeout_s > 0, f"train.dist_timeout_s must be positive, got {t.dist_timeout_s}")
+    _require(t.eval_every >= 0, f"train.eval_every must be ≥ 0 (0: only at the end), got {t.eval_every}")
+    _require(t.eval_iters >= 1, f"train.eval_iters must be ≥ 1 (a validation pass of no batch has no loss), "
+                                f"got {t.eval_iters}")
+    _require(o.eps > 0, f"optim.eps must be positive, got {o.eps}")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be ≥ 0, got {o.weight_decay}")
     _require(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"need 0 ≤ optim.min_lr ≤ optim.lr and lr > 0 (lr={o.lr}, min_lr={o.min_lr})")
     _require(0 <= o.warmup_steps <= t.steps,
              f"optim.warmup_steps={o.warmup_steps} must be between 0 and train.steps={t.steps}")
@@ -117,6 +219,8 @@ def _check_checkpoint(cfg: RunConfig) -> None:
     _require(c.save_every >= 0 and c.save_minutes >= 0 and c.keep_every >= 0,
              "checkpoint.save_every, checkpoint.save_minutes and checkpoint.keep_every must be ≥ 0")
     _require(c.keep_last >= 1, f"checkpoint.keep_last must be ≥ 1, got {c.keep_last}")
+    if c.dir:  # found now, not at the first save after save_every steps of compute
+        check_writable_dir(c.dir, "checkpoint.dir")
     if c.resume not in ("auto", "none"):
         p = Path(c.resume)
         _require((p / "manifest.json").is_file() or any(p.glob("step_*/manifest.json")),
@@ -125,6 +229,15 @@ def _check_checkpoint(cfg: RunConfig) -> None:
     _require(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be ≥ 1, got {t.max_consecutive_skips}")
     _require(t.loss_spike_factor == 0 or t.loss_spike_factor > 1,
              f"train.loss_spike_factor must be 0 (off) or > 1, got {t.loss_spike_factor}")
+
+
+def _check_log(cfg: RunConfig) -> None:
+    lg = cfg.log
+    _require(lg.log_every >= 1, f"log.log_every must be ≥ 1, got {lg.log_every}")
+    if lg.metrics_file:
+        check_writable_file(lg.metrics_file, "log.metrics_file")
+    if lg.tensorboard_dir:
+        check_writable_dir(lg.tensorboard_dir, "log.tensorboard_dir")
 
 
 def _check_deepspeed(cfg: RunConfig) -> None:
@@ -140,6 +253,7 @@ def _check_deepspeed(cfg: RunConfig) -> None:
     if "nvme" in (opt_dev, param_dev):
         _require(bool(cfg.deepspeed.nvme_path),
                  f"'{cfg.deepspeed.config}' offloads to NVMe: set deepspeed.nvme_path to a fast local directory")
+        check_writable_dir(cfg.deepspeed.nvme_path, "deepspeed.nvme_path")
     adam, name = cfg.deepspeed.optimizer, cfg.deepspeed.config
     _require(adam in ADAM_CHOICES, f"deepspeed.optimizer must be one of {', '.join(ADAM_CHOICES)}, got '{adam}'")
     if opt_dev != "none":
@@ -155,18 +269,28 @@ def _check_deepspeed(cfg: RunConfig) -> None:
 
 
 def check_data(cfg: RunConfig) -> None:
-    """What needs no files; the data itself (and the tokenizer's vocab) is checked by megadeep.data.prepare."""
+    """The data settings and that the named files exist; what the token datasets hold (and their
+    tokenizer's vocab) is checked by megadeep.data.prepare."""
     d, vocab = cfg.data, cfg.model.vocab_size
     _require(d.source in ("bytes", "tokens"), f"data.source must be bytes or tokens, got '{d.source}'")
     _require(bool(d.paths or d.corpus),
              "no training data: set data.paths or data.corpus (e.g. data.corpus=shakespeare)")
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if d.tokenizer:
+        _require(Path(d.tokenizer).is_file(), f"data.tokenizer='{d.tokenizer}' is not a file")
     if d.source == "bytes":
+        for path in d.paths:
+            _require(Path(path).is_file(), f"data.paths: '{path}' is not a file (data.source=bytes reads text files)")
         _require(vocab == 0 or vocab >= BYTE_VOCAB,
                  f"model.vocab_size={vocab} is too small for data.source=bytes; set 0 (256 byte values) or ≥ 256")
         _require(not d.weights, "data.weights blends token datasets; with data.source=bytes leave it empty")
         return
     _require(vocab >= 0, f"model.vocab_size must be ≥ 0 (0: from the tokenizer), got {vocab}")
+    for path in d.paths:
+        _require(Path(path).exists(), f"data.paths: '{path}' does not exist (give a prepared dataset's "
+                                      "directory or manifest)")
+    if d.corpus and not d.paths:
+        check_writable_dir(d.cache_dir, "data.cache_dir")
     _require(not d.weights or (len(d.weights) == len(d.paths) and min(d.weights) > 0),
              f"data.weights needs one positive weight per data.paths entry ({len(d.paths)}), got {d.weights}")
     _require(d.tokenizer_vocab >= 320,
@@ -178,13 +302,17 @@ def resolve(cfg: RunConfig, world_size: int, require_data: bool = True) -> RunCo
     """Validate ``cfg`` for ``world_size`` processes and return a copy with DP and accumulation filled in.
     ``require_data=False`` (the planner: layouts, not a run) lets a config name no data yet."""
     _require(world_size >= 1, f"world size must be ≥ 1, got {world_size}")
+    check_name(cfg.name)
+    check_finite(cfg)
     _check_layout(cfg, world_size)
     _check_model(cfg)
+    check_method(cfg.model, cfg.parallel.partition_method)  # its stage bounds always hold a block each
     _check_training(cfg)
     _check_deepspeed(cfg)
     if require_data or cfg.data.paths or cfg.data.corpus:
         check_data(cfg)
     _check_checkpoint(cfg)
+    _check_log(cfg)
     out = copy.deepcopy(cfg)
     if cfg.data.source == "bytes" and not cfg.model.vocab_size:
         out.model.vocab_size = BYTE_VOCAB

@@ -7,6 +7,7 @@ and exits with :data:`REQUEUE_EXIT`; the script then requeues the job, whose nex
 """
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later", i.e. saved before the time 
 LAUNCHERS = ("srun", "mpi")
 # a rank that dies takes the others down after this long, instead of leaving them in a collective
 SRUN_WAIT_S = 60
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
+_TIME = re.compile(r"\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
+_WORD = re.compile(r"[A-Za-z0-9._,+@%:/=-]*")  # what an #SBATCH value may hold: no spaces, quotes, newlines
 
 
 @dataclass
@@ -51,6 +55,20 @@ class SlurmJob:
             raise ConfigError("--container-image (pyxis) and --apptainer are two ways to run in a container; pick one")
         if self.signal_grace_s < 1:
             raise ConfigError(f"--signal-grace must be ≥ 1 second, got {self.signal_grace_s}")
+        if not _TIME.fullmatch(self.time):
+            raise ConfigError(f"--time '{self.time}' is not a SLURM time (minutes, HH:MM:SS or D-HH:MM:SS)")
+        if self.cpus_per_task < 0:
+            raise ConfigError(f"--cpus-per-task must be ≥ 0 (0: SLURM's default), got {self.cpus_per_task}")
+        for flag, value in (("--partition", self.partition), ("--account", self.account)):
+            if not _WORD.fullmatch(value):
+                raise ConfigError(f"{flag} '{value}' may hold only letters, digits and ._,+@%:/=- (it goes into #SBATCH)")
+        for mount in self.container_mounts:
+            if mount.count(":") not in (1, 2) or not all(mount.split(":")[:2]):
+                raise ConfigError(f"--container-mounts entry '{mount}' is not SRC:DST[:FLAGS]")
+        if not Path(self.workdir).is_dir():
+            raise ConfigError(f"--workdir '{self.workdir}' is not a directory")
+        if not self.python.strip() or "\n" in self.python:
+            raise ConfigError("--python must name a python executable")
 
 
 def _sbatch_lines(job: SlurmJob, name: str, log: str) -> list[str]:

@@ -20,9 +20,9 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from megadeep import ops
 from megadeep.config.schema import ModelConfig, RunConfig
-from megadeep.errors import ConfigError
 from megadeep.model.llama import Block, OutputHead, RMSNorm, TokenEmbedding, init_weights, lm_loss, tied_logits
 from megadeep.parallel.random import checkpoint
+from megadeep.pipeline.partition import describe, layer_names, stage_bounds
 
 TIED = "tok_embeddings"  # the tie key is the embedding's canonical name
 
@@ -37,32 +37,7 @@ def layer_specs(cfg: ModelConfig, sequence_parallel: bool) -> tuple[list[LayerSp
         embed, head = LayerSpec(TokenEmbedding, cfg, sp), LayerSpec(OutputHead, cfg, sp)
     blocks = [LayerSpec(Block, cfg, i, sp, fused) for i in range(cfg.n_layers)]
     specs = [embed, *blocks, LayerSpec(RMSNorm, cfg.dim, cfg.norm_eps, sp, fused), head]
-    names = [TIED, *(f"layers.{i}" for i in range(cfg.n_layers)), "norm", "output"]
-    return specs, names
-
-
-def require_block_per_stage(parts: list[int], names: list[str], method: str) -> None:
-    """Every stage must hold a decoder block. A stage of only the embedding or only the head has
-    no 1-D parameters, hence one optimizer param group fewer than the others (DeepSpeed drops empty
-    groups), and ZeRO's per-group grad-norm all-reduce across stages then deadlocks."""
-    for s in range(len(parts) - 1):
-        stage = names[parts[s]:parts[s + 1]]
-        if not any(n.startswith("layers.") for n in stage):
-            raise ConfigError(
-                f"parallel.partition_method={method} gives pipeline stage {s} no decoder block "
-                f"({_join(stage)}); use parallel.partition_method=type:Block, which spreads the blocks evenly"
-            )
-
-
-def _join(names: list[str]) -> str:
-    """``tok_embeddings, layers.0, layers.1, layers.2`` → ``tok_embeddings, layers.0-2``."""
-    out: list[str] = []
-    for name in names:
-        if name.startswith("layers.") and out and out[-1].startswith("layers."):
-            out[-1] = f"{out[-1].split('-')[0]}-{name.split('.')[1]}"
-        else:
-            out.append(name)
-    return ", ".join(out) or "(nothing)"
+    return specs, layer_names(cfg)
 
 
 class PipelinedLlama(PipelineModule):
@@ -71,6 +46,8 @@ class PipelinedLlama(PipelineModule):
     def __init__(self, cfg: RunConfig, topology):
         p, m = cfg.parallel, cfg.model
         specs, names = layer_specs(m, p.sequence_parallel)
+        # megadeep's stage bounds (see megadeep.pipeline.partition), read by _partition_layers below
+        self._megadeep_bounds = stage_bounds(m, p.tp, p.pp, p.partition_method)
         # DeepSpeed prints its own partition table of class names on rank 0; stage_map() names layers.
         with contextlib.redirect_stdout(io.StringIO()):
             super().__init__(
@@ -80,7 +57,6 @@ class PipelinedLlama(PipelineModule):
                 # ours replays the TP RNG streams, so dropout masks match in the recomputation
                 activation_checkpoint_func=checkpoint, checkpointable_layers=[Block.__name__],
             )
-        require_block_per_stage(list(self.parts), names, p.partition_method)
         self.partition_method = p.partition_method
         self.layer_names = names if not m.tie_embeddings else [*names[:-1], f"output (tied to {TIED})"]
         self.canonical_modules = {key: child for key, child in self.tied_modules.items()}
@@ -89,6 +65,12 @@ class PipelinedLlama(PipelineModule):
                 self.canonical_modules[names[int(name)]] = child
         for name, child in self.canonical_modules.items():
             init_weights(child, name, cfg.train.seed)
+
+    def _partition_layers(self, method: str) -> None:
+        """DeepSpeed's hook for cutting the stages: take megadeep's bounds instead of its partitioners."""
+        self.parts = list(self._megadeep_bounds)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
     def canonical_parameters(self) -> dict[str, torch.nn.Parameter]:
         """This stage's parameters under the single-process model's names (checkpoints use them)."""
@@ -111,5 +93,5 @@ class PipelinedLlama(PipelineModule):
     def stage_map(self) -> str:
         lines = [f"pipeline: {self.num_stages} stages, partition_method={self.partition_method}"]
         for s in range(self.num_stages):
-            lines.append(f"  stage {s}: {_join(self.layer_names[self.parts[s]:self.parts[s + 1]])}")
+            lines.append(f"  stage {s}: {describe(self.layer_names[self.parts[s]:self.parts[s + 1]])}")
         return "\n".join(lines)

@@ -14,9 +14,12 @@ def cluster_from_args(args):
     gpu = GPUS[args.gpu]
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise ConfigError("--nodes and --gpus-per-node must be at least 1")
+    for flag, value in (("--intra-gbps", args.intra_gbps), ("--inter-gbps", args.inter_gbps)):
+        if not (0 <= value < float("inf")):
+            raise ConfigError(f"{flag} must be ≥ 0 (0: the GPU's default), got {value}")
     intra = args.intra_gbps * 1e9 if args.intra_gbps else gpu.nvlink
     inter = args.inter_gbps * 1e9 if args.inter_gbps else gpu.network
-    if args.host_gib <= 0:
+    if not (0 < args.host_gib < float("inf")):
         raise ConfigError(f"--host-gib must be positive, got {args.host_gib}")
     return Cluster(args.nodes, args.gpus_per_node, gpu, intra, inter, args.host_gib * 1024**3)
 
@@ -35,7 +38,24 @@ def base_config(args):
         return cfg
     if not args.model:
         raise ConfigError("give the model: --model CONFIG.yaml (its model section) or --size (e.g. 7B)")
-    return load_config(args.model)
+    from megadeep.config.validate import check_model_alone
+
+    cfg = load_config(args.model)
+    check_model_alone(cfg)
+    return cfg
+
+
+def check_args(args) -> None:
+    """The numbers and paths of ``megadeep plan`` (the cluster's are checked by cluster_from_args)."""
+    from megadeep.config.validate import check_writable_dir
+
+    for flag, value in (("--seq-len", args.seq_len), ("--global-batch", args.global_batch), ("--top", args.top)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be ≥ 1, got {value}")
+    if args.out:
+        check_writable_dir(args.out, "--out")
+    if args.nvme_path:
+        check_writable_dir(args.nvme_path, "--nvme-path")
 
 
 def print_plan(result, w, cluster, top: int) -> None:
@@ -140,6 +160,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from megadeep.planner.estimate import Workload
     from megadeep.planner.search import RECIPES, plan, run_config
 
+    check_args(args)
     cluster = cluster_from_args(args)
     base = base_config(args)
     if args.seq_len > base.model.max_seq_len:

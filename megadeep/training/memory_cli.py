@@ -68,6 +68,10 @@ def print_table(cfg, rows: list[dict]) -> None:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
+    if args.json:
+        from megadeep.config.validate import check_writable_file
+
+        check_writable_file(args.json, "--json")
     cfg, spawn = load_for_launch(args)
     if cfg.parallel.pp > 1:  # measuring happens between a micro-batch's backward and the step
         raise ConfigError("megadeep memory measures inside a training step, which DeepSpeed's pipeline engine "

@@ -19,6 +19,7 @@ from megadeep.checkpoint.manager import CheckpointManager, TrainState
 from megadeep.config.deepspeed import compose, megadeep_clips
 from megadeep.config.schema import RunConfig
 from megadeep.data.loader import Loader, build_split
+from megadeep.errors import RunAborted
 from megadeep.launch.env import discover, init_distributed
 from megadeep.launch.placement import report_actual
 from megadeep.model import Transformer, num_params
@@ -188,23 +189,31 @@ class Trainer:
         try:
             while self.step < t.steps:
                 r = self.train_step()
+                extras = self._extras()  # before any save: comm bytes and memory are the step's own
                 self.guard.observe(r)
                 summary.history.append(r)
-                summary.records.append(self.log.step({**vars(r), **self._extras()}))
                 self.guard.check(self.checkpoints.last_good)
+                stop = self.step < t.steps and self._stop_requested()
+                # The step is saved before anything else can fail (logging, evaluation): a crash there
+                # loses no finished work.
+                if stop:
+                    self.save_checkpoint()
+                elif not r.skipped or self.step == t.steps:  # the last good checkpoint predates a bad streak
+                    self.checkpoints.after_step(self._train_state(), final=self.step == t.steps)
+                summary.records.append(self.log.step({**vars(r), **extras}))
+                if stop:
+                    summary.preempted = True
+                    break
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     val = self.evaluate()
                     if val is not None:
                         summary.val_losses.append((self.step, val))
                         self.log.evaluation(self.step, val)
-                if self.step < t.steps and self._stop_requested():
-                    self.save_checkpoint()
-                    summary.preempted = True
-                    break
-                if not r.skipped or self.step == t.steps:  # the last good checkpoint predates a bad streak
-                    self.checkpoints.after_step(self._train_state(), final=self.step == t.steps)
         finally:
             self.log.close()
+        if summary.history and not summary.preempted and all(r.skipped for r in summary.history):
+            raise RunAborted(f"no update was applied: all {len(summary.history)} steps of this run had a non-finite "
+                             "loss or gradient and were skipped; lower optim.lr or fix the data")
         return summary
 
     def _stop_requested(self) -> bool:
