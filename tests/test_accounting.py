@@ -1,5 +1,5 @@
 """megadeep.model.accounting against the model it accounts for: per-rank parameter tensors of a
-built model at TP 1/2/4, the pipeline specs DeepSpeed partitions at PP 2, and MFU computed by the
+built model at TP 1/2/4, the pipeline specs at PP 2, and MFU computed by the
 trainer's metrics and by the planner from the same step time."""
 import pytest
 import torch
@@ -9,6 +9,7 @@ from megadeep.config.schema import ModelConfig
 from megadeep.model import Transformer, accounting, num_params
 from megadeep.monitoring.metrics_log import MetricsLog
 from megadeep.parallel import groups
+from megadeep.pipeline import partition
 from megadeep.planner.estimate import Candidate, Workload, estimate
 from megadeep.planner.hardware import GPUS, Cluster
 
@@ -35,8 +36,8 @@ def test_rank_tensors_are_the_built_models(name, tp, tp_rank):
     with torch.device("meta"):
         model = Transformer(m, sequence_parallel=tp > 1)
     built = sorted(p.numel() for p in model.parameters())
-    assert sorted(accounting.stage_param_numels(m, tp, 1)[0]) == built
-    assert accounting.stage_params(m, tp, 1) == [sum(built)]
+    assert sorted(partition.stage_param_numels(m, tp, 1)[0]) == built
+    assert partition.stage_params(m, tp, 1) == [sum(built)]
     if tp == 1:  # the model's count: unpadded vocabulary
         padding = (m.padded_vocab(1) - m.vocab_size) * m.dim * (1 if m.tie_embeddings else 2)
         assert num_params(m) == sum(built) - padding
@@ -44,10 +45,10 @@ def test_rank_tensors_are_the_built_models(name, tp, tp_rank):
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 @pytest.mark.parametrize("tp", [1, 2])
-def test_pipeline_stages_are_deepspeeds(name, tp, tp_rank):
-    """PP 2: each spec of pipeline/stages.py, built as DeepSpeed's PipelineModule builds it to count
-    parameters for partition_method=parameters, has the accounting's size; the stages are DeepSpeed's
-    partition of those counts, and hold every built tensor (plus the tied head's copy)."""
+def test_pipeline_stages_hold_the_built_specs(name, tp, tp_rank):
+    """PP 2: each spec of pipeline/stages.py, built as DeepSpeed's PipelineModule builds it, has the
+    accounting's size; the stages megadeep's partition cuts hold every built tensor (plus the tied
+    head's copy)."""
     from megadeep.pipeline.stages import layer_specs
 
     m = SHAPES[name]
@@ -57,10 +58,10 @@ def test_pipeline_stages_are_deepspeeds(name, tp, tp_rank):
         built = [[p.numel() for p in spec.build().parameters()] for spec in specs]
     assert accounting.spec_param_numels(m, tp) == [sum(b) for b in built]
     for method in ("parameters", "type:Block", "uniform"):
-        parts = accounting.stage_bounds(m, tp, 2, method)
-        stages = accounting.stage_param_numels(m, tp, 2, method)
+        parts = partition.stage_bounds(m, tp, 2, method)
+        stages = partition.stage_param_numels(m, tp, 2, method)
         assert [sorted(t) for t in stages] == [sorted(n for b in built[parts[s]:parts[s + 1]] for n in b) for s in range(2)]
-        assert sum(accounting.stage_layers(m, tp, 2, method)) == m.n_layers
+        assert sum(partition.stage_layers(m, tp, 2, method)) == m.n_layers
 
 
 def test_trainer_and_planner_mfu_are_one_formula():

@@ -6,9 +6,8 @@ the same formula, and per-rank parameter counts are the tensors the built model 
 
 Parameters per rank follow the model code (megadeep/model/llama.py): fused ``wqkv`` and ``w13``
 split over TP, norms replicated, the embedding (and an untied head) over the vocabulary padded to a
-multiple of TP × ``vocab_pad_unit``. Pipeline stages are cut as DeepSpeed's ``PipelineModule`` cuts
-them (its own partition functions on the per-layer counts it would see), the first stage holding the
-embedding, the last the final norm and the head (a second copy of a tied embedding when pp > 1).
+multiple of TP × ``vocab_pad_unit``. Which layers each pipeline stage holds, and
+so the per-rank counts of a stage, is megadeep.pipeline.partition's (from the per-spec counts here).
 
 FLOPs: model FLOPs per token are PaLM's / Narayanan et al. 2021's (eq. 3) 6·N + 12·L·h·s, where N
 counts the parameters that take part in a matmul (every decoder weight and the LM head; an untied
@@ -23,7 +22,6 @@ parallelism and sbh/t·(34 + 5as/h) with sequence parallelism.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 from megadeep.config.schema import ModelConfig
@@ -72,51 +70,6 @@ def spec_param_numels(m: ModelConfig, tp: int) -> list[int]:
     """Per-TP-rank parameters of each pipeline layer spec in order (pipeline/stages.py): embedding,
     blocks, final norm, head (the tied head counted as DeepSpeed counts it: the embedding's size)."""
     return [embedding_numel(m, tp), *[sum(layer_param_numels(m, tp))] * m.n_layers, m.dim, embedding_numel(m, tp)]
-
-
-def stage_bounds(m: ModelConfig, tp: int, pp: int, method: str = "parameters") -> list[int]:
-    """DeepSpeed's ``PipelineModule.parts`` for our specs: stage i holds specs [parts[i], parts[i+1])."""
-    if method == "uniform":
-        return _partition(("uniform", m.n_layers + 3), pp)
-    if method == "parameters":
-        return _partition(tuple(spec_param_numels(m, tp)), pp)
-    if method.lower() in ("type:block", "type:transformer"):
-        return _partition((0, *[1] * m.n_layers, 0, 0), pp)
-    raise ValueError(f"cannot account for pipeline partition_method {method!r}")
-
-
-@functools.lru_cache(maxsize=256)
-def _partition(weights: tuple, pp: int) -> list[int]:
-    from deepspeed.runtime import utils as ds_utils  # the engine's own partitioning, not a copy of it
-
-    if weights[0] == "uniform":
-        return ds_utils.partition_uniform(num_items=weights[1], num_parts=pp)
-    return ds_utils.partition_balanced(weights=list(weights), num_parts=pp)
-
-
-def stage_layers(m: ModelConfig, tp: int, pp: int, method: str = "parameters") -> list[int]:
-    """Decoder blocks on each pipeline stage."""
-    if pp == 1:
-        return [m.n_layers]
-    parts = stage_bounds(m, tp, pp, method)
-    return [sum(1 for i in range(parts[s], parts[s + 1]) if 1 <= i <= m.n_layers) for s in range(pp)]
-
-
-def stage_param_numels(m: ModelConfig, tp: int, pp: int, method: str = "parameters") -> list[list[int]]:
-    """Parameter tensor sizes held by one TP rank of each pipeline stage. With tied embeddings and
-    pp > 1 the last stage holds its own copy of the embedding (TiedLayerSpec)."""
-    embedding = embedding_numel(m, tp)
-    if pp == 1:
-        return [[embedding, *layer_param_numels(m, tp) * m.n_layers, m.dim]
-                + ([] if m.tie_embeddings else [embedding])]
-    parts = stage_bounds(m, tp, pp, method)
-    spec_tensors = [[embedding], *[layer_param_numels(m, tp)] * m.n_layers, [m.dim], [embedding]]
-    return [[n for i in range(parts[s], parts[s + 1]) for n in spec_tensors[i]] for s in range(pp)]
-
-
-def stage_params(m: ModelConfig, tp: int, pp: int, method: str = "parameters") -> list[int]:
-    """Parameters per rank of each pipeline stage (the canonical per-rank count)."""
-    return [sum(s) for s in stage_param_numels(m, tp, pp, method)]
 
 
 # --- the matmuls a rank runs ------------------------------------------------------------------------

@@ -60,10 +60,9 @@ def _weights(m: ModelConfig, tp: int, method: str) -> list[int]:
     if method.startswith("type:"):
         rx = _type_regex(method)
         return [int(bool(rx.search(t))) for t in layer_types(m)]
-    from megadeep.planner.memory import layer_param_numels  # the one count of a block's parameters
+    from megadeep.model.accounting import spec_param_numels  # the one count of each layer's parameters
 
-    embedding = m.padded_vocab(tp) * m.dim // tp
-    return [embedding, *[sum(layer_param_numels(m, tp))] * m.n_layers, m.dim, embedding]
+    return spec_param_numels(m, tp)
 
 
 def stage_bounds(m: ModelConfig, tp: int, pp: int, method: str) -> list[int]:
@@ -93,6 +92,31 @@ def stage_bounds(m: ModelConfig, tp: int, pp: int, method: str) -> list[int]:
     for s in range(pp, 0, -1):
         bounds.append(cut[s][bounds[-1]])
     return bounds[::-1]
+
+
+def stage_layers(m: ModelConfig, tp: int, pp: int, method: str = "parameters") -> list[int]:
+    """Decoder blocks on each pipeline stage."""
+    parts = stage_bounds(m, tp, pp, method)
+    return [sum(1 for i in range(parts[s], parts[s + 1]) if 1 <= i <= m.n_layers) for s in range(pp)]
+
+
+def stage_param_numels(m: ModelConfig, tp: int, pp: int, method: str = "parameters") -> list[list[int]]:
+    """Parameter tensor sizes held by one TP rank of each pipeline stage. With tied embeddings and
+    pp > 1 the last stage holds its own copy of the embedding (TiedLayerSpec)."""
+    from megadeep.model.accounting import embedding_numel, layer_param_numels
+
+    embedding = embedding_numel(m, tp)
+    if pp == 1:
+        return [[embedding, *layer_param_numels(m, tp) * m.n_layers, m.dim]
+                + ([] if m.tie_embeddings else [embedding])]
+    parts = stage_bounds(m, tp, pp, method)
+    spec_tensors = [[embedding], *[layer_param_numels(m, tp)] * m.n_layers, [m.dim], [embedding]]
+    return [[n for i in range(parts[s], parts[s + 1]) for n in spec_tensors[i]] for s in range(pp)]
+
+
+def stage_params(m: ModelConfig, tp: int, pp: int, method: str = "parameters") -> list[int]:
+    """Parameters per rank of each pipeline stage (the canonical per-rank count)."""
+    return [sum(s) for s in stage_param_numels(m, tp, pp, method)]
 
 
 def describe(names: list[str]) -> str:

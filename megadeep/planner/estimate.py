@@ -24,8 +24,8 @@ from megadeep.model.accounting import (
     head_gemm,
     layer_gemms,
     recompute_flops_per_token,
-    stage_layers,
 )
+from megadeep.pipeline.partition import stage_layers
 from megadeep.parallel.layout import Layout
 from megadeep.planner.compute import TableCompute
 from megadeep.planner.hardware import Cluster, GiB

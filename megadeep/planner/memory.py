@@ -18,9 +18,8 @@ from megadeep.model.accounting import (  # noqa: F401  (the planner's memory API
     layer_activation_bytes,
     layer_param_numels,
     stage_activation_bytes,
-    stage_param_numels,
-    stage_params,
 )
+from megadeep.pipeline.partition import stage_param_numels, stage_params  # noqa: F401
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
