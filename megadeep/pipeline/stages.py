@@ -5,23 +5,27 @@ N blocks, final norm, LM head. With tied embeddings the head *is* the embedding 
 (``TiedLayerSpec``): the first and the last stage each hold a copy, and the engine sums the two
 gradients before every step so the copies stay equal.
 
-Each built layer is then initialised under its canonical name (``tok_embeddings``, ``layers.i``,
-``norm``, ``output``), so a stage holds exactly the weights of the single-process model.
+Layers are built on the meta device (DeepSpeed's ``parameters`` partitioning builds every layer of
+the model on every rank just to count its parameters), then this stage's layers are allocated and
+initialised once under their canonical names (``tok_embeddings``, ``layers.i``, ``norm``, ``output``),
+so a stage holds exactly the weights of the single-process model and nothing else.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import re
 from functools import partial
 
 import deepspeed.comm as dist
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
 from megadeep import ops
 from megadeep.config.schema import ModelConfig, RunConfig
 from megadeep.errors import ConfigError
-from megadeep.model.llama import Block, OutputHead, RMSNorm, TokenEmbedding, init_weights, lm_loss, tied_logits
+from megadeep.model.llama import Block, OutputHead, RMSNorm, TokenEmbedding, lm_loss, materialize, tied_logits
 from megadeep.parallel.random import checkpoint
 
 TIED = "tok_embeddings"  # the tie key is the embedding's canonical name
@@ -39,6 +43,22 @@ def layer_specs(cfg: ModelConfig, sequence_parallel: bool) -> tuple[list[LayerSp
     specs = [embed, *blocks, LayerSpec(RMSNorm, cfg.dim, cfg.norm_eps, sp, fused), head]
     names = [TIED, *(f"layers.{i}" for i in range(cfg.n_layers)), "norm", "output"]
     return specs, names
+
+
+def stage_parts(specs: list[LayerSpec], method: str, pp: int) -> list[int]:
+    """Stage boundaries exactly as DeepSpeed's ``PipelineModule._partition_layers`` computes them
+    (same functions, layers counted on the meta device), for ranks that build no PipelineModule:
+    ``--dry-run`` of any rank."""
+    method = method.lower()
+    if method == "uniform":
+        return partition_uniform(num_items=len(specs), num_parts=pp)
+    if method == "parameters":
+        with torch.device("meta"):
+            weights = [sum(p.numel() for p in s.build().parameters() if p.requires_grad) for s in specs]
+    else:  # type:<regex>
+        pattern = re.compile(method.split(":")[1], re.IGNORECASE)
+        weights = [1 if pattern.search(s.typename.__name__) else 0 for s in specs]
+    return partition_balanced(weights=weights, num_parts=pp)
 
 
 def require_block_per_stage(parts: list[int], names: list[str], method: str) -> None:
@@ -68,9 +88,11 @@ def _join(names: list[str]) -> str:
 class PipelinedLlama(PipelineModule):
     """This rank's stage of the Llama decoder, trained by DeepSpeed's 1F1B pipeline engine."""
 
-    def __init__(self, cfg: RunConfig, topology):
+    def __init__(self, cfg: RunConfig, topology, device: torch.device | str = "cpu"):
         p, m = cfg.parallel, cfg.model
         specs, names = layer_specs(m, p.sequence_parallel)
+        # read by _build, which the base class calls before returning (device "meta": leave unallocated)
+        object.__setattr__(self, "_build_args", (names, torch.device(device), cfg.train.seed))
         # DeepSpeed prints its own partition table of class names on rank 0; stage_map() names layers.
         with contextlib.redirect_stdout(io.StringIO()):
             super().__init__(
@@ -83,12 +105,25 @@ class PipelinedLlama(PipelineModule):
         require_block_per_stage(list(self.parts), names, p.partition_method)
         self.partition_method = p.partition_method
         self.layer_names = names if not m.tie_embeddings else [*names[:-1], f"output (tied to {TIED})"]
-        self.canonical_modules = {key: child for key, child in self.tied_modules.items()}
+        self.canonical_modules = self._canonical_modules(names)
+
+    def _canonical_modules(self, names: list[str]) -> dict[str, torch.nn.Module]:
+        out = {key: child for key, child in self.tied_modules.items()}
         for name, child in self.named_children():
             if name.isdigit():  # DeepSpeed registers layer i as child "i"
-                self.canonical_modules[names[int(name)]] = child
-        for name, child in self.canonical_modules.items():
-            init_weights(child, name, cfg.train.seed)
+                out[names[int(name)]] = child
+        return out
+
+    def _count_layer_params(self):
+        with torch.device("meta"):
+            return super()._count_layer_params()
+
+    def _build(self):
+        names, device, seed = self._build_args
+        with torch.device("meta"):
+            super()._build()
+        if device.type != "meta":
+            materialize(self, self._canonical_modules(names), device, seed)
 
     def canonical_parameters(self) -> dict[str, torch.nn.Parameter]:
         """This stage's parameters under the single-process model's names (checkpoints use them)."""
