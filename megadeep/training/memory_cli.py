@@ -9,16 +9,14 @@ from megadeep.errors import ConfigError
 from megadeep.launch.args import add_launch_args, load_for_launch
 
 
-def expected_states(cfg, pp_rank: int):
-    """The planner's model-state prediction for one rank of ``cfg``'s layout."""
-    from megadeep.config.deepspeed import load_recipe, zero_stage
+def expected_states(run, pp_rank: int):
+    """The planner's model-state prediction for one rank of a resolved run (``training.run``)."""
     from megadeep.planner.memory import model_states, persistent_numel, stage_param_numels
 
-    p, recipe = cfg.parallel, load_recipe(cfg.deepspeed.config)
-    numels = stage_param_numels(cfg.model, p.tp, p.pp)[pp_rank]
-    threshold = recipe.get("zero_optimization", {}).get("stage3_param_persistence_threshold", 100000)
-    return model_states(sum(numels), zero_stage(recipe), p.dp, cfg.train.precision,
-                        persistent=persistent_numel(numels, threshold))
+    p = run.cfg.parallel
+    numels = stage_param_numels(run.cfg.model, p.tp, p.pp)[pp_rank]
+    return model_states(sum(numels), run.zero_stage, p.dp, run.cfg.train.precision,
+                        persistent=persistent_numel(numels, run.persistence_threshold))
 
 
 def measure_point(cfg) -> int:
@@ -43,7 +41,7 @@ def measure_run(cfg) -> list[dict]:
         measured = []
         at = measure_point(cfg)
         trainer.train_step(after_backward=lambda micro: micro == at and measured.append(measure_engine(trainer.engine)))
-        expected = expected_states(cfg, groups.get_pipeline_model_parallel_rank())
+        expected = expected_states(trainer.run_facts, groups.get_pipeline_model_parallel_rank())
         row = {"rank": dist.get_rank(), "adam": trainer.optimizer_name, **measured[0].as_dict(),
                "expected": {"params": expected.params, "grads": expected.grads, "optimizer": expected.optimizer}}
         rows = [None] * dist.get_world_size()

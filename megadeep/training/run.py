@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from megadeep.config.deepspeed import compose, load_recipe, megadeep_clips, offload_devices, zero_stage
 from megadeep.config.schema import RunConfig
 from megadeep.parallel.layout import Layout
@@ -45,7 +47,10 @@ def resolve_run(cfg: RunConfig, device_type: str) -> ResolvedRun:
     recipe = load_recipe(cfg.deepspeed.config)
     stage = zero_stage(recipe)
     opt, param = offload_devices(recipe)
-    adam = resolve_adam(cfg.deepspeed.optimizer, opt != "none", device_type,
-                        device_type == "cuda" and apex_fused_adam() is not None)
+    # apex can only be probed where the ranks run; elsewhere (a login node writing a batch script, a
+    # laptop's dry run) a requested apex_fused is taken on trust and auto assumes DeepSpeed's FusedAdam
+    here = device_type == "cuda" and torch.cuda.is_available()
+    apex = apex_fused_adam() is not None if here else cfg.deepspeed.optimizer == "apex_fused"
+    adam = resolve_adam(cfg.deepspeed.optimizer, opt != "none", device_type, device_type == "cuda" and apex)
     return ResolvedRun(cfg, Layout(tp=p.tp, dp=p.dp, pp=p.pp), recipe, stage, opt, param, device_type, adam,
                        megadeep_clips(cfg, recipe))
