@@ -269,6 +269,10 @@ def init_weights(module: nn.Module, prefix: str, seed: int) -> None:
 def materialize(module: nn.Module, prefixes: dict[str, nn.Module], device: torch.device, seed: int) -> None:
     """Allocate a module built on the meta device on ``device`` (each rank its own shards, nothing
     more) and initialise it once, each part under its canonical name."""
+    unset = [n or type(module).__name__ for n, sub in module.named_modules()
+             if any(True for _ in sub.buffers(recurse=False)) and not hasattr(sub, "reset_buffers")]
+    if unset:  # to_empty leaves buffers uninitialised: their module must say how to recompute them
+        raise TypeError(f"{unset[0]} has buffers but no reset_buffers(); it cannot be built on the meta device")
     tags = {name: dict(p.__dict__) for name, p in module.named_parameters()}  # sharding marks
     module.to_empty(device=device)  # new Parameter objects: the marks must be carried over
     for name, p in module.named_parameters():

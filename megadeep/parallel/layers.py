@@ -21,7 +21,7 @@ from megadeep.parallel.sharding import Blocks, local_blocks, mark, shard
 
 # (key, global flat indices in the full tensor, full row length) -> fp32 values of those elements
 Fill = Callable[[int, torch.Tensor, int], torch.Tensor]
-CHUNK = 1 << 22  # elements generated at a time: bounds the int64/float64 temporaries
+CHUNK = 1 << 20  # elements generated at a time: bounds the int64/float64 temporaries (~10 × 8 MB)
 
 
 def normal_fill(std: float) -> Fill:
