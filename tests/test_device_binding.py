@@ -41,10 +41,11 @@ def test_bind_device_and_what_deepspeed_sees(monkeypatch, visible, expected):
     seen = {}
     monkeypatch.setattr("deepspeed.init_distributed", lambda dist_backend, **kw: seen.update(backend=dist_backend))
     monkeypatch.setattr("torch.distributed.is_initialized", lambda: False)
-    monkeypatch.setattr(env.os, "environ", {})
+    monkeypatch.setattr(env.os, "environ", {"OMPI_COMM_WORLD_LOCAL_RANK": "3"})  # Open MPI's mpirun
     env.init_distributed(RANK3, device, 60)
     assert seen["backend"] == "nccl"
-    assert env.os.environ["LOCAL_RANK"] == str(expected) and env.os.environ["RANK"] == "11"
+    assert env.os.environ["LOCAL_RANK"] == env.os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] == str(expected)
+    assert env.os.environ["RANK"] == "11"
     assert device == torch.device(f"cuda:{env.os.environ['LOCAL_RANK']}")  # DeepSpeed's engine device
 
 

@@ -173,5 +173,7 @@ def init_distributed(pe: ProcessEnv, device, timeout_s: float) -> None:
     local = device.index if device.type == "cuda" else pe.local_rank
     os.environ.update(RANK=str(pe.rank), WORLD_SIZE=str(pe.world_size), LOCAL_RANK=str(local),
                       MASTER_ADDR=pe.master_addr, MASTER_PORT=str(pe.master_port))
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:  # DeepSpeed's engine asserts the two agree
+        os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(local)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s))
