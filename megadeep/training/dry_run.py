@@ -17,6 +17,7 @@ from megadeep.errors import ConfigError
 from megadeep.parallel import groups
 from megadeep.planner.hardware import GPUS, GiB
 from megadeep.planner.memory import DTYPE_BYTES, ActivationShape, model_states, persistent_numel, stage_activation_bytes
+from megadeep.training.optimizer import ADAM_NAMES
 from megadeep.training.run import ResolvedRun
 
 
@@ -76,8 +77,9 @@ def describe(run: ResolvedRun, rank: int, gpu: str = "H100-80", gpus_per_node: i
         f"ZeRO stage {run.zero_stage} ({cfg.deepspeed.config}), offload {offload}, {t.precision}: "
         f"params {states.params:,.0f} B, grads {states.grads:,.0f} B, optimizer {states.optimizer:,.0f} B",
         f"activations (peak, {in_flight} micro-batch(es) in flight, recompute={recompute}): {acts:,.0f} B",
-        f"on the GPU: {(gpu_states + acts) / GiB:.1f} GiB of {gpu}'s {capacity / GiB:.0f} GiB",
-        f"adam: {run.adam}; clipping by {'megadeep' if run.megadeep_clips else 'DeepSpeed'}",
+        f"on the GPU (states + activations, before buffers): {(gpu_states + acts) / GiB:.1f} GiB of {gpu}'s "
+        f"{capacity / GiB:.0f} GiB",
+        f"adam: {ADAM_NAMES[run.adam]}; clipping by {'megadeep' if run.megadeep_clips else 'DeepSpeed'}",
         f"device {device}; backend {backend}, timeout {t.dist_timeout_s:.0f} s; NCCL env: {nccl}",
     ]
     if gpu_states + acts > capacity:
