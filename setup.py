@@ -24,6 +24,13 @@ CXX_FLAGS = ["-O3", "-fopenmp", "-g0", "-Wno-unknown-pragmas"]
 X86_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 NVCC_FLAGS = ["-O3", "-std=c++20"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# Every third-party module megadeep imports at run time (tests/test_packaging.py checks it against the
+# source). torch comes first and from the right index (CPU or CUDA wheel): see scripts/setup.sh.
+INSTALL_REQUIRES = [
+    "torch", "deepspeed>=0.19.8,<0.20", "numpy", "pyyaml", "safetensors", "sentencepiece", "datasketch", "rich",
+    "tensorboard", "matplotlib",
+]
+EXTRAS_REQUIRE = {"mpi": ["mpi4py"]}  # ranks from an MPI launcher (megadeep.launch.env)
 
 
 def kernels() -> dict:
@@ -57,7 +64,8 @@ setup(
     packages=find_packages(include=["megadeep", "megadeep.*"]) + ["megadeep.ds_configs"],
     package_dir={"megadeep.ds_configs": "ds_configs"},
     package_data={"megadeep.ds_configs": ["*.json", "precision/*.json"]},
-    install_requires=["torch", "deepspeed", "numpy", "pyyaml"],
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["megadeep=megadeep.cli:main"]},
     **kernels(),
 )

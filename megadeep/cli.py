@@ -19,6 +19,10 @@ from megadeep.training.memory_cli import add_memory
 def cmd_train(args: argparse.Namespace) -> int:
     from megadeep.training import preemption
 
+    if args.dry_run:
+        from megadeep.training.dry_run import cmd_dry_run
+
+        return cmd_dry_run(args)
     preemption.install()  # now: SIGUSR1's default action would kill a rank still loading torch
     from megadeep.checkpoint.lock import holding
     from megadeep.launch.env import discover
@@ -38,6 +42,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a YAML run config")
     add_launch_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve the run for --world-size ranks, build --rank's model on the meta device and "
+                        "report its layout, memory and device; starts nothing, writes nothing")
+    p.add_argument("--world-size", type=int, default=0, help="with --dry-run: the target world size")
+    p.add_argument("--rank", type=int, default=0, help="with --dry-run: which rank to report (default 0)")
+    p.add_argument("--gpu", default="H100-80", help="with --dry-run: the GPU whose memory the rank must fit "
+                                                    "(A100-40, A100-80, H100-80)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="with --dry-run: GPUs per node")
     p.set_defaults(func=cmd_train)
 
 

@@ -107,21 +107,24 @@ def precision_fragment(precision: str) -> dict:
     return _read_json(recipes_dir() / "precision" / f"{precision}.json")
 
 
-def megadeep_clips(cfg: RunConfig) -> bool:
+def megadeep_clips(cfg: RunConfig, recipe: dict | None = None) -> bool:
     """fp32 without ZeRO: megadeep clips by the global norm itself (see ``training.grad_norm``), since
     DeepSpeed's fp32 clipping miscounts parameters under the pipeline engine."""
-    return cfg.train.precision == "fp32" and zero_stage(load_recipe(cfg.deepspeed.config)) == 0
+    recipe = load_recipe(cfg.deepspeed.config) if recipe is None else recipe
+    return cfg.train.precision == "fp32" and zero_stage(recipe) == 0
 
 
-def compose(cfg: RunConfig) -> dict:
-    """The dict handed to ``deepspeed.initialize``. ``cfg`` must be resolved (DP and accumulation known)."""
+def compose(cfg: RunConfig, recipe: dict | None = None) -> dict:
+    """The dict handed to ``deepspeed.initialize``. ``cfg`` must be resolved (DP and accumulation known);
+    ``recipe``: its ZeRO recipe when already read (``training.run.ResolvedRun``)."""
     t, o = cfg.train, cfg.optim
-    ds = _merge(load_recipe(cfg.deepspeed.config), precision_fragment(t.precision))
+    recipe = load_recipe(cfg.deepspeed.config) if recipe is None else recipe
+    ds = _merge(recipe, precision_fragment(t.precision))
     ds.update(
         train_batch_size=t.global_batch_size,
         train_micro_batch_size_per_gpu=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum_steps,
-        gradient_clipping=0.0 if megadeep_clips(cfg) else o.grad_clip,
+        gradient_clipping=0.0 if megadeep_clips(cfg, recipe) else o.grad_clip,
         steps_per_print=10**9,  # megadeep logs its own metrics
         wall_clock_breakdown=False,
     )

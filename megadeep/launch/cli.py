@@ -17,7 +17,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     from megadeep.config import dump_json, load_config, resolve
     from megadeep.launch.placement import check_placement, planned_rank_map
     from megadeep.launch.slurm import SlurmJob, render, submit
-    from megadeep.parallel.layout import Layout
+    from megadeep.training.run import resolve_run
 
     workdir = Path(args.workdir).resolve()
     containerised = bool(args.container_image or args.apptainer)
@@ -33,10 +33,10 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     world = job.nodes * job.per_node
     try:
         cfg = resolve(cfg, world)
+        run = resolve_run(cfg, "cpu" if job.cpu else "cuda")
     except ConfigError as e:
         raise ConfigError(f"for {job.nodes} node(s) × {job.per_node} = {world} ranks: {e}") from None
-    p = cfg.parallel
-    layout = Layout(tp=p.tp, dp=p.dp, pp=p.pp)
+    layout = run.layout
     check_placement(layout, job.nodes, job.per_node)
 
     out = Path(args.out or f"runs/{cfg.name}/slurm")

@@ -132,17 +132,48 @@ def world_size_from_env(env=None) -> int | None:
     return None if pe.launcher == "single" else pe.world_size
 
 
-def init_distributed(pe: ProcessEnv, device_type: str, timeout_s: float) -> None:
-    """Initialise torch.distributed through DeepSpeed (so its comm layer is set up too); idempotent."""
-    import deepspeed
+def cuda_index(local_rank: int, visible: int) -> int:
+    """Which visible GPU a rank uses: its local rank when the node's GPUs are all visible, GPU 0 when
+    the launcher gave each task one (``srun --gpus-per-task=1``/``--gpu-bind``, a per-rank
+    ``CUDA_VISIBLE_DEVICES``)."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise ConfigError(f"local rank {local_rank} has no GPU: this process sees {visible} "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at "
+                          "most one rank per visible GPU, or give each task its own GPU")
+    return local_rank
+
+
+def bind_device(pe: ProcessEnv, requested: str):
+    """This rank's device, decided once from the process environment and made current before any
+    CUDA tensor, RNG state or DeepSpeed call (``train.device``: auto | cpu | cuda)."""
     import torch
+
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested != "cuda":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but torch sees no CUDA device; use train.device=auto or cpu")
+    device = torch.device("cuda", cuda_index(pe.local_rank, torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(pe: ProcessEnv, device, timeout_s: float) -> None:
+    """Initialise torch.distributed through DeepSpeed (so its comm layer is set up too); idempotent.
+    ``device`` comes from :func:`bind_device`. DeepSpeed places the engine and pipeline stages on
+    ``LOCAL_RANK``'s GPU, so on CUDA that variable carries the device index (0 with one GPU per task)."""
+    import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    os.environ.update(RANK=str(pe.rank), WORLD_SIZE=str(pe.world_size), LOCAL_RANK=str(pe.local_rank),
+    local = device.index if device.type == "cuda" else pe.local_rank
+    os.environ.update(RANK=str(pe.rank), WORLD_SIZE=str(pe.world_size), LOCAL_RANK=str(local),
                       MASTER_ADDR=pe.master_addr, MASTER_PORT=str(pe.master_port))
-    if device_type == "cuda":
-        torch.cuda.set_device(pe.local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:  # DeepSpeed's engine asserts the two agree
+        os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(local)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s))

@@ -28,7 +28,9 @@ from megadeep.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     blocks_fill,
+    init_sharded_,
     normal_fill,
+    ones_fill,
     vocab_fill,
 )
 from megadeep.parallel.random import checkpoint, get_rng_tracker
@@ -41,8 +43,8 @@ class RMSNorm(nn.Module):
         self.eps, self.sequence_parallel, self.fused = eps, sequence_parallel, fused
         self.weight = mark(nn.Parameter(torch.ones(dim)), None)
 
-    def reset_parameters(self, gen: torch.Generator | None = None) -> None:
-        nn.init.ones_(self.weight)
+    def reset_parameters(self, key: int | None = None) -> None:
+        init_sharded_(self.weight, ones_fill, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -239,17 +241,32 @@ class Transformer(nn.Module):
         init_weights(self, "", seed)
 
 
-def param_generator(seed: int, name: str, device) -> torch.Generator:
-    """A generator seeded by (seed, canonical parameter name): init does not depend on which other
-    parameters this rank holds, so TP shards and pipeline stages match the single-process model."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+def param_key(seed: int, name: str) -> int:
+    """The counter-RNG key of a parameter, from (seed, canonical name): init does not depend on which
+    other parameters this rank holds, so TP shards and pipeline stages match the single-process model."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
 
 
 def init_weights(module: nn.Module, prefix: str, seed: int) -> None:
-    """Re-initialise every layer under ``module``, whose canonical name is ``prefix``."""
+    """Initialise every layer under ``module``, whose canonical name is ``prefix``, and recompute
+    non-persistent buffers (``reset_buffers()``, e.g. tables that ``to_empty`` left uninitialised)."""
     for name, sub in module.named_modules():
-        own = list(sub.parameters(recurse=False))
-        if own and hasattr(sub, "reset_parameters"):
-            full = ".".join(p for p in (prefix, name) if p)
-            sub.reset_parameters(param_generator(seed, full, own[0].device))
+        if hasattr(sub, "reset_buffers"):
+            sub.reset_buffers()
+        if any(True for _ in sub.parameters(recurse=False)) and hasattr(sub, "reset_parameters"):
+            sub.reset_parameters(param_key(seed, ".".join(p for p in (prefix, name) if p)))
+
+
+def materialize(module: nn.Module, prefixes: dict[str, nn.Module], device: torch.device, seed: int) -> None:
+    """Allocate a module built on the meta device on ``device`` (each rank its own shards, nothing
+    more) and initialise it once, each part under its canonical name."""
+    unset = [n or type(module).__name__ for n, sub in module.named_modules()
+             if any(True for _ in sub.buffers(recurse=False)) and not hasattr(sub, "reset_buffers")]
+    if unset:  # to_empty leaves buffers uninitialised: their module must say how to recompute them
+        raise TypeError(f"{unset[0]} has buffers but no reset_buffers(); it cannot be built on the meta device")
+    tags = {name: dict(p.__dict__) for name, p in module.named_parameters()}  # sharding marks
+    module.to_empty(device=device)  # new Parameter objects: the marks must be carried over
+    for name, p in module.named_parameters():
+        p.__dict__.update(tags[name])
+    for prefix, part in prefixes.items():
+        init_weights(part, prefix, seed)

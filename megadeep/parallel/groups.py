@@ -6,6 +6,7 @@ TP-replicated parameters in the grad norm and names checkpoint shards ``mp_rank_
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -54,6 +55,21 @@ def initialize(layout: Layout) -> None:
     dp, dp_ranks = _mine(layout.dp_groups(), rank)
     pp, pp_ranks = _mine(layout.pp_groups(), rank)
     _STATE = _Groups(layout, rank, tp, dp, pp, tp_ranks, dp_ranks, pp_ranks)
+
+
+@contextlib.contextmanager
+def simulate(layout: Layout, rank: int):
+    """Answer the getters as rank ``rank`` of ``layout`` would, without torch.distributed or any group
+    (``--dry-run`` builds that rank's model on the meta device). Collectives would fail: none run."""
+    global _STATE
+    if _STATE is not None:
+        raise RuntimeError("process groups are initialised: a simulated rank would shadow them")
+    _STATE = _Groups(layout, rank, None, None, None, *(next(g for g in groups(layout) if rank in g)
+                                                       for groups in (Layout.tp_groups, Layout.dp_groups, Layout.pp_groups)))
+    try:
+        yield
+    finally:
+        _STATE = None
 
 
 def is_initialized() -> bool:

@@ -1,51 +1,64 @@
 """Tensor-parallel layers: thin modules over :mod:`megadeep.parallel.comm`.
 
 Each layer holds only its local shard (``.weight`` is ``[out/TP, in]`` for a column-parallel linear,
-``[out, in/TP]`` for a row-parallel one) and is initialised from the *full* tensor, drawn from a
-generator and then sharded, so that a shard equals the matching slice of the TP=1 weight.
+``[out, in/TP]`` for a row-parallel one). Initial values are a function of each element's index in
+the *full* (TP=1) tensor (:mod:`megadeep.parallel.counter_rng`), so a shard equals the matching slice
+of the TP=1 weight while a rank computes only its own elements: under ZeRO-3 only its partition.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megadeep.parallel import comm, groups
+from megadeep.parallel import comm, counter_rng, groups
 from megadeep.parallel.sharding import Blocks, local_blocks, mark, shard
 
-Fill = Callable[[torch.Tensor, torch.Generator | None], None]
+# (key, global flat indices in the full tensor, full row length) -> fp32 values of those elements
+Fill = Callable[[int, torch.Tensor, int], torch.Tensor]
+CHUNK = 1 << 20  # elements generated at a time: bounds the int64/float64 temporaries (~10 × 8 MB)
 
 
 def normal_fill(std: float) -> Fill:
-    def fill(t: torch.Tensor, gen: torch.Generator | None) -> None:
-        t.normal_(0.0, std, generator=gen)
+    def fill(key: int, flat: torch.Tensor, row_len: int) -> torch.Tensor:
+        return std * counter_rng.normal(key, flat)
 
     return fill
 
 
-def zeros_fill(t: torch.Tensor, gen: torch.Generator | None) -> None:
-    t.zero_()
+def zeros_fill(key: int, flat: torch.Tensor, row_len: int) -> torch.Tensor:
+    return torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+
+
+def ones_fill(key: int, flat: torch.Tensor, row_len: int) -> torch.Tensor:
+    return torch.ones(flat.shape, dtype=torch.float32, device=flat.device)
 
 
 def blocks_fill(fills: list[tuple[int, Fill]]) -> Fill:
-    """Fill consecutive row blocks of the full tensor, each with its own initialiser."""
+    """Consecutive row blocks of the full tensor, each with its own initialiser."""
 
-    def fill(t: torch.Tensor, gen: torch.Generator | None) -> None:
-        for rows, (_, f) in zip(t.split([n for n, _ in fills]), fills):
-            f(rows, gen)
+    def fill(key: int, flat: torch.Tensor, row_len: int) -> torch.Tensor:
+        row, out, start = flat // row_len, torch.empty(flat.shape, dtype=torch.float32, device=flat.device), 0
+        for rows, f in fills:
+            inside = (row >= start) & (row < start + rows)
+            out[inside] = f(key, flat[inside], row_len)
+            start += rows
+        return out
 
     return fill
 
 
 def vocab_fill(num_real: int, std: float) -> Fill:
-    """Normal rows for the real vocabulary, zeros for TP padding. Only the real rows are drawn, so
-    the values do not depend on how much padding the TP size adds."""
+    """Normal rows for the real vocabulary, zeros for TP padding. Values depend on the element's index
+    only, so they do not depend on how much padding the TP size adds."""
 
-    def fill(t: torch.Tensor, gen: torch.Generator | None) -> None:
-        t[:num_real].normal_(0.0, std, generator=gen)
-        t[num_real:].zero_()
+    def fill(key: int, flat: torch.Tensor, row_len: int) -> torch.Tensor:
+        return torch.where(flat < num_real * row_len, std * counter_rng.normal(key, flat), 0.0)
 
     return fill
 
@@ -57,19 +70,55 @@ def full_shape(param: torch.Tensor) -> list[int]:
     return shape
 
 
+def fill_positions_(out: torch.Tensor, param: torch.Tensor, fill: Fill, key: int, start: int = 0) -> None:
+    """``out[i]`` ← the value of element ``start + i`` (row-major) of this rank's TP shard of ``param``."""
+    local, full = list(getattr(param, "ds_shape", param.shape)), full_shape(param)
+    tp_rank, tp = groups.get_tensor_model_parallel_rank(), groups.get_tensor_model_parallel_world_size()
+    index = [torch.arange(n, device=out.device) for n in full]  # full-tensor index of each local position
+    if param.partition_dim is not None:
+        d = param.partition_dim
+        index[d] = shard(index[d], 0, tp_rank, tp, param.partition_blocks)
+    row_len = math.prod(full[1:])
+    for c in range(0, out.numel(), CHUNK):
+        rest = torch.arange(start + c, start + min(c + CHUNK, out.numel()), device=out.device)
+        flat, stride = torch.zeros_like(rest), 1
+        for d in reversed(range(len(local))):
+            flat += index[d][rest % local[d]] * stride
+            rest, stride = rest // local[d], stride * full[d]
+        out[c:c + flat.numel()] = fill(key, flat, row_len).to(out.dtype)
+
+
 @torch.no_grad()
-def init_sharded_(param: nn.Parameter, fill: Fill, gen: torch.Generator | None = None) -> None:
-    """Fill the full TP=1 tensor in fp32 and copy this rank's shard into ``param``."""
-    full = torch.empty(full_shape(param), dtype=torch.float32, device=param.device)
-    fill(full, gen)
-    piece = shard(
-        full,
-        param.partition_dim,
-        groups.get_tensor_model_parallel_rank(),
-        groups.get_tensor_model_parallel_world_size(),
-        param.partition_blocks,
-    )
-    param.copy_(piece)
+def init_sharded_(param: nn.Parameter, fill: Fill, key: int | None = None) -> None:
+    """Fill this rank's shard of ``param`` in place: its TP shard, or under ZeRO-3 (a parameter built
+    inside ``deepspeed.zero.Init``) only its data-parallel partition ``ds_tensor``."""
+    key = int(torch.randint(0, 1 << 62, ())) if key is None else key
+    if hasattr(param, "ds_tensor"):
+        part = param.ds_tensor.view(-1)
+        start = part.numel() * dist.get_rank(group=param.ds_process_group)
+        fill_positions_(part[:max(0, min(part.numel(), param.ds_numel - start))], param, fill, key, start)
+        if param.numel() != param.ds_numel:  # partitioned: no full copy on this rank
+            return
+    fill_positions_(param.data.view(-1), param, fill, key)
+
+
+_deferred = False
+
+
+@contextlib.contextmanager
+def deferred_init():
+    """Layers built inside skip their own initialisation: the caller initialises each parameter once,
+    under its canonical name (``megadeep.model.build``)."""
+    global _deferred
+    _deferred, before = True, _deferred
+    try:
+        yield
+    finally:
+        _deferred = before
+
+
+def init_on_construction(param: torch.Tensor) -> bool:
+    return not _deferred and param.device.type != "meta"
 
 
 def _divide(n: int, world: int, what: str) -> int:
@@ -83,10 +132,10 @@ class _ParallelLinear(nn.Module):
     bias: nn.Parameter | None
     init: Fill
 
-    def reset_parameters(self, gen: torch.Generator | None = None) -> None:
-        init_sharded_(self.weight, self.init, gen)
+    def reset_parameters(self, key: int | None = None) -> None:
+        init_sharded_(self.weight, self.init, key)
         if self.bias is not None:
-            init_sharded_(self.bias, zeros_fill)
+            init_sharded_(self.bias, zeros_fill, 0)
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -111,7 +160,8 @@ class ColumnParallelLinear(_ParallelLinear):
         kw = dict(device=device, dtype=dtype)
         self.weight = mark(nn.Parameter(torch.empty(local_out, in_features, **kw)), 0, blocks)
         self.bias = mark(nn.Parameter(torch.empty(local_out, **kw)), 0, blocks) if bias else None
-        self.reset_parameters()
+        if init_on_construction(self.weight):
+            self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -139,7 +189,8 @@ class RowParallelLinear(_ParallelLinear):
         kw = dict(device=device, dtype=dtype)
         self.weight = mark(nn.Parameter(torch.empty(out_features, _divide(in_features, world, "in_features"), **kw)), 1)
         self.bias = mark(nn.Parameter(torch.empty(out_features, **kw)), None) if bias else None
-        self.reset_parameters()
+        if init_on_construction(self.weight):
+            self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -174,10 +225,11 @@ class VocabParallelEmbedding(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.init = vocab_fill(num_embeddings, std)
         self.weight = mark(nn.Parameter(torch.empty(self.per_rank, embedding_dim, device=device, dtype=dtype)), 0)
-        self.reset_parameters()
+        if init_on_construction(self.weight):
+            self.reset_parameters()
 
-    def reset_parameters(self, gen: torch.Generator | None = None) -> None:
-        init_sharded_(self.weight, self.init, gen)
+    def reset_parameters(self, key: int | None = None) -> None:
+        init_sharded_(self.weight, self.init, key)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.per_rank == self.padded_vocab:

@@ -5,8 +5,10 @@ N blocks, final norm, LM head. With tied embeddings the head *is* the embedding 
 (``TiedLayerSpec``): the first and the last stage each hold a copy, and the engine sums the two
 gradients before every step so the copies stay equal.
 
-Each built layer is then initialised under its canonical name (``tok_embeddings``, ``layers.i``,
-``norm``, ``output``), so a stage holds exactly the weights of the single-process model.
+The stages are megadeep's cut (megadeep.pipeline.partition). Layers are built on the meta device,
+then this stage's layers are allocated and
+initialised once under their canonical names (``tok_embeddings``, ``layers.i``, ``norm``, ``output``),
+so a stage holds exactly the weights of the single-process model and nothing else.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from megadeep import ops
 from megadeep.config.schema import ModelConfig, RunConfig
-from megadeep.model.llama import Block, OutputHead, RMSNorm, TokenEmbedding, init_weights, lm_loss, tied_logits
+from megadeep.model.llama import Block, OutputHead, RMSNorm, TokenEmbedding, lm_loss, materialize, tied_logits
 from megadeep.parallel.random import checkpoint
 from megadeep.pipeline.partition import describe, layer_names, stage_bounds
 
@@ -43,11 +45,13 @@ def layer_specs(cfg: ModelConfig, sequence_parallel: bool) -> tuple[list[LayerSp
 class PipelinedLlama(PipelineModule):
     """This rank's stage of the Llama decoder, trained by DeepSpeed's 1F1B pipeline engine."""
 
-    def __init__(self, cfg: RunConfig, topology):
+    def __init__(self, cfg: RunConfig, topology, device: torch.device | str = "cpu"):
         p, m = cfg.parallel, cfg.model
         specs, names = layer_specs(m, p.sequence_parallel)
         # megadeep's stage bounds (see megadeep.pipeline.partition), read by _partition_layers below
         self._megadeep_bounds = stage_bounds(m, p.tp, p.pp, p.partition_method)
+        # read by _build, which the base class calls before returning (device "meta": leave unallocated)
+        object.__setattr__(self, "_build_args", (names, torch.device(device), cfg.train.seed))
         # DeepSpeed prints its own partition table of class names on rank 0; stage_map() names layers.
         with contextlib.redirect_stdout(io.StringIO()):
             super().__init__(
@@ -59,12 +63,21 @@ class PipelinedLlama(PipelineModule):
             )
         self.partition_method = p.partition_method
         self.layer_names = names if not m.tie_embeddings else [*names[:-1], f"output (tied to {TIED})"]
-        self.canonical_modules = {key: child for key, child in self.tied_modules.items()}
+        self.canonical_modules = self._canonical_modules(names)
+
+    def _canonical_modules(self, names: list[str]) -> dict[str, torch.nn.Module]:
+        out = {key: child for key, child in self.tied_modules.items()}
         for name, child in self.named_children():
             if name.isdigit():  # DeepSpeed registers layer i as child "i"
-                self.canonical_modules[names[int(name)]] = child
-        for name, child in self.canonical_modules.items():
-            init_weights(child, name, cfg.train.seed)
+                out[names[int(name)]] = child
+        return out
+
+    def _build(self):
+        names, device, seed = self._build_args
+        with torch.device("meta"):
+            super()._build()
+        if device.type != "meta":
+            materialize(self, self._canonical_modules(names), device, seed)
 
     def _partition_layers(self, method: str) -> None:
         """DeepSpeed's hook for cutting the stages: take megadeep's bounds instead of its partitioners."""

@@ -64,13 +64,11 @@ def persistent_numel(numels: list[int], threshold: int) -> int:
 
 
 
-def rank_model_states(cfg, pp_rank: int = 0) -> ModelStates:
-    """The model states one rank of resolved run config ``cfg`` holds (its pipeline stage's parameters
-    as megadeep.model.accounting counts them, ZeRO-partitioned as its DeepSpeed recipe says)."""
-    from megadeep.config.deepspeed import load_recipe, zero_stage
-
-    p, recipe = cfg.parallel, load_recipe(cfg.deepspeed.config)
+def rank_model_states(cfg, zero_stage: int, persistence_threshold: int, pp_rank: int = 0) -> ModelStates:
+    """The model states one rank of run config ``cfg`` holds (its pipeline stage's parameters as
+    megadeep.model.accounting counts them, ZeRO-partitioned at ``zero_stage``; the stage and the
+    persistence threshold are the resolved run's, read from its recipe once)."""
+    p = cfg.parallel
     numels = stage_param_numels(cfg.model, p.tp, p.pp, p.partition_method)[pp_rank]
-    threshold = recipe.get("zero_optimization", {}).get("stage3_param_persistence_threshold", 100000)
-    return model_states(sum(numels), zero_stage(recipe), p.dp, cfg.train.precision,
-                        persistent=persistent_numel(numels, threshold))
+    return model_states(sum(numels), zero_stage, p.dp, cfg.train.precision,
+                        persistent=persistent_numel(numels, persistence_threshold))

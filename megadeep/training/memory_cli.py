@@ -9,11 +9,11 @@ from megadeep.errors import ConfigError
 from megadeep.launch.args import add_launch_args, load_for_launch
 
 
-def expected_states(cfg, pp_rank: int):
-    """The planner's model-state prediction for one rank of ``cfg``'s layout."""
+def expected_states(run, pp_rank: int):
+    """The planner's model-state prediction for one rank of a resolved run (``training.run``)."""
     from megadeep.planner.memory import rank_model_states
 
-    return rank_model_states(cfg, pp_rank)
+    return rank_model_states(run.cfg, run.zero_stage, run.persistence_threshold, pp_rank)
 
 
 def measure_point(cfg) -> int:
@@ -38,7 +38,7 @@ def measure_run(cfg) -> list[dict]:
         measured = []
         at = measure_point(cfg)
         trainer.train_step(after_backward=lambda micro: micro == at and measured.append(measure_engine(trainer.engine)))
-        expected = expected_states(cfg, groups.get_pipeline_model_parallel_rank())
+        expected = expected_states(trainer.run_facts, groups.get_pipeline_model_parallel_rank())
         row = {"rank": dist.get_rank(), "adam": trainer.optimizer_name, **measured[0].as_dict(),
                "expected": {"params": expected.params, "grads": expected.grads, "optimizer": expected.optimizer}}
         rows = [None] * dist.get_world_size()

@@ -13,11 +13,12 @@ from megadeep.errors import ConfigError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings; never norms or biases (anything with fewer than 2 dims)."""
+    """Decay matrices and embeddings; never norms or biases (anything with fewer than 2 dims). A
+    parameter partitioned by ``zero.Init`` is an empty placeholder: its shape is ``ds_shape``."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

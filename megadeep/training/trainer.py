@@ -16,31 +16,23 @@ import torch
 import torch.distributed as dist
 
 from megadeep.checkpoint.manager import CheckpointManager, TrainState
-from megadeep.config.deepspeed import compose, megadeep_clips
 from megadeep.config.schema import RunConfig
 from megadeep.data.loader import Loader, build_split
 from megadeep.errors import RunAborted
-from megadeep.launch.env import discover, init_distributed
+from megadeep.launch.env import bind_device, discover, init_distributed
 from megadeep.launch.placement import report_actual
-from megadeep.model import Transformer, num_params
+from megadeep.model import num_params
 from megadeep.monitoring.comm import CommMeter
 from megadeep.monitoring.flops import peak_flops
 from megadeep.monitoring.metrics_log import MetricsLog, memory_mb
 from megadeep.parallel import groups
-from megadeep.parallel.layout import Layout
 from megadeep.parallel.random import seed_everything
 from megadeep.training import preemption
+from megadeep.training.build import build_model
 from megadeep.training.grad_norm import ClipByGlobalNorm
 from megadeep.training.guard import FaultGuard
 from megadeep.training.optimizer import choose_adam, lr_scheduler, param_groups
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+from megadeep.training.run import resolve_run
 
 
 @dataclass
@@ -70,12 +62,12 @@ class Trainer:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.cfg = cfg
         self.stop = preemption.install()
-        self.device = resolve_device(cfg.train.device)
         pe = discover()
-        init_distributed(pe, self.device.type, cfg.train.dist_timeout_s)
+        self.device = bind_device(pe, cfg.train.device)  # first: before any CUDA tensor, RNG or DeepSpeed call
+        self.run_facts = run = resolve_run(cfg, self.device.type)
+        init_distributed(pe, self.device, cfg.train.dist_timeout_s)
         p = cfg.parallel
-        layout = Layout(tp=p.tp, dp=p.dp, pp=p.pp)
-        groups.initialize(layout)
+        groups.initialize(run.layout)
         self.rank = dist.get_rank()
         rank_map = report_actual(pe.launcher)
         if rank_map and cfg.log.progress:
@@ -83,19 +75,17 @@ class Trainer:
         seed_everything(cfg.train.seed, self.device.type)
         split = build_split(cfg)  # before the model: data that does not fit the config fails first
 
-        self.pipelined = p.pp > 1
+        self.pipelined = run.pipelined
+        ds_config = run.ds_config()
+        model = build_model(run, self.device, ds_config)
         if self.pipelined:
-            from megadeep.pipeline import PipelinedLlama, check_grid, topology
+            from megadeep.pipeline import check_grid
 
-            model = PipelinedLlama(cfg, topology(layout)).to(self.device)
             check_grid(model.mpu())
             mpu = None  # the pipeline engine takes its groups from the module's topology
         else:
-            model = Transformer(cfg.model, p.sequence_parallel).to(self.device)
-            model.init_weights(cfg.train.seed)
             mpu = groups
-        ds_config = compose(cfg)
-        adam = choose_adam(ds_config, self.device.type, cfg.deepspeed.optimizer)
+        adam = choose_adam(ds_config, self.device.type, run.adam)
         self.optimizer_name = adam.name
         o = cfg.optim
         self.engine, optimizer, _, self.scheduler = deepspeed.initialize(
@@ -103,7 +93,7 @@ class Trainer:
             config=ds_config, mpu=mpu,
             lr_scheduler=lr_scheduler(cfg.train.steps, o.warmup_steps, o.lr, o.min_lr),
         )
-        self.clip = ClipByGlobalNorm(optimizer, model.parameters(), o.grad_clip) if megadeep_clips(cfg) else None
+        self.clip = ClipByGlobalNorm(optimizer, model.parameters(), o.grad_clip) if run.megadeep_clips else None
         dp_rank, dp = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
         t = cfg.train
         self.train_data = Loader(split.train, t.micro_batch_size, dp_rank, dp, t.seed)

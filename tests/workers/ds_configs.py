@@ -25,7 +25,7 @@ def run(cfg) -> dict:
         for step in range(cfg.train.steps):
             hook = (lambda micro: micro == at and measured.append(measure_engine(trainer.engine))) if step == 1 else None
             losses.append(trainer.train_step(after_backward=hook).loss)
-        expected = expected_states(cfg, groups.get_pipeline_model_parallel_rank())
+        expected = expected_states(trainer.run_facts, groups.get_pipeline_model_parallel_rank())
         largest = max(p.numel() * p.element_size() for p in trainer.engine.module.parameters())
         row = {**measured[0].as_dict(), "rank": dist.get_rank(), "largest_param_bytes": largest,
                "expected": {"params": expected.params, "grads": expected.grads, "optimizer": expected.optimizer}}

@@ -1,0 +1,56 @@
+"""The resolved run: every fact about a validated config that more than one place needs, decided once.
+
+``train``, ``memory``, ``--dry-run`` and ``launch slurm`` read the layout, the ZeRO recipe and its stage,
+the offload devices, the Adam implementation and who clips gradients from here instead of re-reading
+the recipe from disk and rebuilding the layout each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megadeep.config.deepspeed import compose, load_recipe, megadeep_clips, offload_devices, zero_stage
+from megadeep.config.schema import RunConfig
+from megadeep.parallel.layout import Layout
+from megadeep.training.optimizer import apex_fused_adam, resolve_adam
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    cfg: RunConfig  # validated for the world size (``megadeep.config.resolve``)
+    layout: Layout
+    recipe: dict  # the ZeRO recipe as read from ds_configs/ (or the user's JSON)
+    zero_stage: int
+    offload_optimizer: str  # none | cpu | nvme
+    offload_param: str
+    device_type: str  # cuda | cpu
+    adam: str  # a deepspeed.optimizer key other than auto (see ``training.optimizer.resolve_adam``)
+    megadeep_clips: bool  # fp32 without ZeRO: megadeep clips by the global norm, else DeepSpeed does
+
+    @property
+    def pipelined(self) -> bool:
+        return self.layout.pp > 1
+
+    @property
+    def persistence_threshold(self) -> int:
+        return int(self.recipe.get("zero_optimization", {}).get("stage3_param_persistence_threshold", 100000))
+
+    def ds_config(self) -> dict:
+        """A fresh DeepSpeed config dict (``choose_adam`` edits it for the optimizer it picks)."""
+        return compose(self.cfg, self.recipe)
+
+
+def resolve_run(cfg: RunConfig, device_type: str) -> ResolvedRun:
+    """``cfg`` must already be resolved for its world size; ``device_type`` is the ranks' (cuda | cpu)."""
+    p = cfg.parallel
+    recipe = load_recipe(cfg.deepspeed.config)
+    stage = zero_stage(recipe)
+    opt, param = offload_devices(recipe)
+    # apex can only be probed where the ranks run; elsewhere (a login node writing a batch script, a
+    # laptop's dry run) a requested apex_fused is taken on trust and auto assumes DeepSpeed's FusedAdam
+    here = device_type == "cuda" and torch.cuda.is_available()
+    apex = apex_fused_adam() is not None if here else cfg.deepspeed.optimizer == "apex_fused"
+    adam = resolve_adam(cfg.deepspeed.optimizer, opt != "none", device_type, device_type == "cuda" and apex)
+    return ResolvedRun(cfg, Layout(tp=p.tp, dp=p.dp, pp=p.pp), recipe, stage, opt, param, device_type, adam,
+                       megadeep_clips(cfg, recipe))
