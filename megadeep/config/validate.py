@@ -268,28 +268,28 @@ def _check_deepspeed(cfg: RunConfig) -> None:
              f"deepspeed.optimizer={adam} is a CUDA kernel but train.device=cpu; use deepspeed.optimizer=auto")
 
 
-def check_data(cfg: RunConfig) -> None:
-    """The data settings and that the named files exist; what the token datasets hold (and their
-    tokenizer's vocab) is checked by megadeep.data.prepare."""
+def check_data(cfg: RunConfig, files: bool = True) -> None:
+    """The data settings and (``files``) that the named files exist; what the token datasets hold
+    (and their tokenizer's vocab) is checked by megadeep.data.prepare."""
     d, vocab = cfg.data, cfg.model.vocab_size
     _require(d.source in ("bytes", "tokens"), f"data.source must be bytes or tokens, got '{d.source}'")
     _require(bool(d.paths or d.corpus),
              "no training data: set data.paths or data.corpus (e.g. data.corpus=shakespeare)")
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
-    if d.tokenizer:
+    if d.tokenizer and files:
         _require(Path(d.tokenizer).is_file(), f"data.tokenizer='{d.tokenizer}' is not a file")
     if d.source == "bytes":
-        for path in d.paths:
+        for path in d.paths if files else ():
             _require(Path(path).is_file(), f"data.paths: '{path}' is not a file (data.source=bytes reads text files)")
         _require(vocab == 0 or vocab >= BYTE_VOCAB,
                  f"model.vocab_size={vocab} is too small for data.source=bytes; set 0 (256 byte values) or ≥ 256")
         _require(not d.weights, "data.weights blends token datasets; with data.source=bytes leave it empty")
         return
     _require(vocab >= 0, f"model.vocab_size must be ≥ 0 (0: from the tokenizer), got {vocab}")
-    for path in d.paths:
+    for path in d.paths if files else ():
         _require(Path(path).exists(), f"data.paths: '{path}' does not exist (give a prepared dataset's "
                                       "directory or manifest)")
-    if d.corpus and not d.paths:
+    if d.corpus and not d.paths and files:
         check_writable_dir(d.cache_dir, "data.cache_dir")
     _require(not d.weights or (len(d.weights) == len(d.paths) and min(d.weights) > 0),
              f"data.weights needs one positive weight per data.paths entry ({len(d.paths)}), got {d.weights}")
@@ -300,7 +300,8 @@ def check_data(cfg: RunConfig) -> None:
 
 def resolve(cfg: RunConfig, world_size: int, require_data: bool = True) -> RunConfig:
     """Validate ``cfg`` for ``world_size`` processes and return a copy with DP and accumulation filled in.
-    ``require_data=False`` (the planner: layouts, not a run) lets a config name no data yet."""
+    ``require_data=False`` (the planner, a dry run: layouts, not a run) lets a config name no data, or
+    data that is not on this machine."""
     _require(world_size >= 1, f"world size must be ≥ 1, got {world_size}")
     check_name(cfg.name)
     check_finite(cfg)
@@ -310,7 +311,7 @@ def resolve(cfg: RunConfig, world_size: int, require_data: bool = True) -> RunCo
     _check_training(cfg)
     _check_deepspeed(cfg)
     if require_data or cfg.data.paths or cfg.data.corpus:
-        check_data(cfg)
+        check_data(cfg, files=require_data)
     _check_checkpoint(cfg)
     _check_log(cfg)
     out = copy.deepcopy(cfg)
