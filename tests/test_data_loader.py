@@ -143,9 +143,10 @@ def test_vocab_comes_from_the_tokenizer(datasets, tmp_path):
         other = tmp_path / "tok2"
         train_tokenizer(docs(9, 100), other, TokenizerSettings(vocab_size=350), threads=1)
         prepare_data(resolve(load_config(None, base + [f"data.tokenizer={other}"]), 1))
-    # bytes: 256, no file needed
-    assert resolve(load_config(None, ["data.paths=[x.txt]", "train.global_batch_size=4", "train.micro_batch_size=4"]),
-                   1).model.vocab_size == 256
+    # bytes: 256, no tokenizer file needed (the text itself must exist: checked before launch)
+    (tmp_path / "x.txt").write_text("some text\n")
+    assert resolve(load_config(None, [f"data.paths=[{tmp_path / 'x.txt'}]", "train.global_batch_size=4",
+                                      "train.micro_batch_size=4"]), 1).model.vocab_size == 256
 
 
 def test_corpus_not_prepared_is_refused_under_a_launcher(tmp_path, monkeypatch, capsys):

@@ -85,7 +85,7 @@ INVALID = [
     ("train {cfg} train.device=cuda", "train.device=cuda but no CUDA device"),
     ("train {cfg} data.source=bytes data.paths=[/nonexistent] --nproc 2", "'/nonexistent' is not a file"),
     ("train {cfg} data.source=tokens data.paths=[/nonexistent]", "'/nonexistent' does not exist"),
-    ("train {cfg} data.source=tokens data.tokenizer=/nonexistent.model", "data.tokenizer='/nonexistent.model' is not a file"),
+    ("train {cfg} data.source=tokens data.tokenizer=/nonexistent.model", "data.tokenizer='/nonexistent.model' does not exist"),
     ("train {cfg} log.metrics_file={dir}", "is a directory; give a file name"),
     ("train {cfg} log.metrics_file=/etc/passwd/m.jsonl", "its directory '/etc/passwd' exists and is not a"),
     ("train {cfg} log.tensorboard_dir=/etc/passwd", "exists and is not a directory"),

@@ -277,7 +277,8 @@ def check_data(cfg: RunConfig, files: bool = True) -> None:
              "no training data: set data.paths or data.corpus (e.g. data.corpus=shakespeare)")
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     if d.tokenizer and files:
-        _require(Path(d.tokenizer).is_file(), f"data.tokenizer='{d.tokenizer}' is not a file")
+        _require(Path(d.tokenizer).exists(), f"data.tokenizer='{d.tokenizer}' does not exist (give a tokenizer "
+                                             "directory or its tokenizer.model)")
     if d.source == "bytes":
         for path in d.paths if files else ():
             _require(Path(path).is_file(), f"data.paths: '{path}' is not a file (data.source=bytes reads text files)")
