@@ -76,7 +76,7 @@ class SlurmOptions:
     partition: str = ""
     time: str = "24:00:00"
     cpus_per_task: int = 1
-    mem_per_cpu_gb: int = 2
+    mem_per_cpu_gb: int = 0  # 0: the cluster's default
     max_parallel: int = -1  # array tasks running at once per stage; -1: no limit
     sbatch_args: dict = field(default_factory=dict)
 
@@ -217,18 +217,38 @@ def _submit(work, stages, o: SlurmOptions) -> dict:
     ``OUT/.work/logs/<stage>``; completed tasks are not resubmitted. The job finds datatrove's
     ``launch_pickled_pipeline`` through this Python's bin directory on PATH (and megadeep through the
     submitting environment, which sbatch exports)."""
+    import subprocess
+
     from datatrove.executor import SlurmPipelineExecutor
+
+    class Executor(SlurmPipelineExecutor):
+        def get_sbatch_args(self, max_array: int = 1) -> dict:
+            """No ``--partition``/``--mem-per-cpu`` line when not set: the cluster's defaults apply
+            (datatrove would write a bare ``#SBATCH --partition``)."""
+            args = super().get_sbatch_args(max_array)
+            for key in ("partition", "mem-per-cpu"):
+                if args[key] in ("", "0G"):
+                    del args[key]
+            return args
+
+        def launch_merge_stats(self):
+            """Not submitted: megadeep's manifest stage sums the counts (datatrove's merge job also
+            asks for 1G per CPU, which a cluster without memory accounting refuses)."""
 
     env = f"export PATH={Path(sys.executable).parent}:$PATH"
     jobs, previous = {}, None
     with _quiet_datatrove():
         for name, tasks, pipeline in stages:
-            ex = SlurmPipelineExecutor(
+            ex = Executor(
                 pipeline, tasks=tasks, time=o.time, partition=o.partition, cpus_per_task=o.cpus_per_task,
                 mem_per_cpu_gb=o.mem_per_cpu_gb, workers=o.max_parallel, job_name=f"megadeep-data-{name}",
                 qos="", env_command=env, logging_dir=str(work.logs / name), sbatch_args=o.sbatch_args,
                 depends_job_id=previous, mail_type="NONE")
-            ex.launch_job()
+            try:
+                ex.launch_job()
+            except (subprocess.CalledProcessError, FileNotFoundError) as e:
+                raise DataError(f"submitting the {name} stage with sbatch failed ({e}); "
+                                f"see {work.logs / name / 'launch_script.slurm'}") from None
             jobs[name] = ex.job_id  # -1: every task of the stage already finished
             previous = None if str(ex.job_id) == "-1" else str(ex.job_id)
     return {"jobs": jobs, "out": str(work.out)}
