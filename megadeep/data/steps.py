@@ -323,3 +323,5 @@ class Manifest(PipelineStep):
                     "documents": stats["documents_kept"], "tokens": stats["tokens"], "shards": listed,
                     "stats": stats, **self.header}
         write_manifest(self.work.out, manifest)
+        for name in ("clean", "sigs", "buckets", "keys", "shingles", "remove", "shards"):  # logs and counts stay
+            shutil.rmtree(getattr(self.work, name), ignore_errors=True)
