@@ -18,6 +18,7 @@ from megadeep.config.load import settings_from_overrides
 from megadeep.data import steps
 from megadeep.data.preprocess import PreprocessSettings, preprocess
 from megadeep.data.tokenizer import Tokenizer
+from megadeep.errors import DataError
 from tests.helpers import ROOT
 from tests.test_data_pipeline import doc, edit, jaccard, tokenizer, write_jsonl  # noqa: F401 (fixture)
 
@@ -120,6 +121,8 @@ def test_workers_parquet_and_compressed_inputs_give_identical_shards(tmp_path, t
             table = pa.table({"id": list(range(len(files[i]))), "text": files[i]})
             pq.write_table(table, alt / f"part{i}.parquet", row_group_size=7)
             inputs.append(str(alt / f"part{i}.parquet"))
+    with pytest.raises(DataError, match="has no column 'content'"):
+        run(tmp_path, inputs, tokenizer, "json_field=content", name="nocolumn")
     m = run(tmp_path, inputs, tokenizer, "workers=2", name="alt")
     assert np.array_equal(ref, stream(tmp_path / "alt", m))
     assert m["stats"]["dropped"] == s["dropped"] and m["documents"] == one["documents"]

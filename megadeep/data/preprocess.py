@@ -21,7 +21,7 @@ from pathlib import Path
 from megadeep.data.cleaning import NORMALIZATIONS, QualityRules, normalize, quality_failure
 from megadeep.data.dedup import MAX_PERM, DedupSettings
 from megadeep.data.pii import scrub
-from megadeep.data.reader import FORMATS, InputReader, expand_inputs
+from megadeep.data.reader import FORMATS, InputReader, check_columns, expand_inputs
 from megadeep.data.shards import MANIFEST
 from megadeep.data.tokenizer import Tokenizer, sha256_file
 from megadeep.errors import DataError
@@ -188,6 +188,7 @@ def preprocess(inputs: list[str], out_dir: str | Path, tokenizer: str | Path, s:
         raise DataError("no input files")
     if s.tasks > len(paths):
         raise DataError(f"tasks={s.tasks} but there are only {len(paths)} input files; a task reads whole files")
+    check_columns(paths, s.format, s.json_field)
     tok = Tokenizer(tokenizer)  # refuses a missing or corrupt model in one line, before any work
     out = Path(out_dir).resolve()
     fingerprint = {"inputs": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths],

@@ -56,6 +56,21 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return [p.resolve() for p in out]
 
 
+def check_columns(paths: list[Path], fmt: str, field: str) -> None:
+    """Every Parquet input has the text column (its schema is read, not its data)."""
+    import pyarrow.parquet as pq
+
+    for p in paths:
+        if input_format(str(p), fmt) != "parquet":
+            continue
+        try:
+            names = pq.read_schema(p).names
+        except Exception:  # a damaged file: counted as corrupt_file when read
+            continue
+        if field not in names:
+            raise DataError(f"{p} has no column '{field}' (columns: {', '.join(names)}); set --text-field")
+
+
 def decode_json(line: bytes, field: str) -> tuple[str | None, str | None]:
     """(text, None) or (None, reason) for one JSON line: empty, invalid_utf8, invalid_json, missing_field."""
     import orjson
@@ -157,9 +172,6 @@ class InputReader(BaseDiskReader):
         except Exception:  # pyarrow raises ArrowInvalid (a ValueError) or OSError for a damaged file
             yield None, "corrupt_file", Path(path).stat().st_size
             return
-        if self.field not in pf.schema_arrow.names:
-            raise DataError(f"{path} has no column '{self.field}' (columns: {', '.join(pf.schema_arrow.names)}); "
-                            "set --text-field")
         with pf:
             for batch in pf.iter_batches(batch_size=1024, columns=[self.field]):
                 for text in batch.column(0).to_pylist():
