@@ -185,7 +185,7 @@ def test_workers_and_shards_do_not_change_the_output(tmp_path, tokenizer):
     rng = random.Random(5)
     texts = [doc(rng, rng.randint(60, 400)) for _ in range(200)]
     inputs = [write_jsonl(tmp_path / "a.jsonl", texts[:120]), write_jsonl(tmp_path / "b.jsonl", texts[120:])]
-    one = run(tmp_path, inputs, tokenizer, "shard_tokens=1000000", name="one")
+    one = run(tmp_path, inputs, tokenizer, "tasks=1", "shard_tokens=1000000", name="one")
     two = run(tmp_path, inputs, tokenizer, "workers=2", "batch_bytes=20000", "shard_tokens=7000", name="two")
     assert len(one["shards"]) == 1 and len(two["shards"]) > 3
     streams = [np.concatenate([np.fromfile(tmp_path / n / f"{s['name']}.bin", dtype=m["dtype"]) for s in m["shards"]])

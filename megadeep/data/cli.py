@@ -37,19 +37,31 @@ def report(manifest: dict) -> str:
     lines += [f"  dropped: {reason:<22} {n:>10,}" for reason, n in s["dropped"].items()]
     lines += [f"  PII replaced: {kind:<17} {n:>10,}" for kind, n in s["pii_replaced"].items()]
     lines.append(f"tokens {manifest['tokens']:,} in {len(manifest['shards'])} shard(s), {manifest['dtype']}; "
-                 f"{s['bytes_in'] / 1e6:.1f} MB in {s['wall_seconds']:.1f} s on {s['workers']} worker(s) "
+                 f"{s['bytes_in'] / 1e6:.1f} MB in {s['wall_seconds']:.1f} s on {s['workers']} worker(s), {manifest['tasks']} task(s) "
                  f"= {s['bytes_in'] / 1e6 / max(s['wall_seconds'], 1e-9):.2f} MB/s")
     return "\n".join(lines)
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from megadeep.data.preprocess import preprocess
+    from megadeep.data.preprocess import SlurmOptions, preprocess
 
     s = _settings(args.set)
-    if args.workers is not None:
-        s.workers = args.workers
-    manifest = preprocess(args.inputs, args.out, args.tokenizer, s, overwrite=args.overwrite)
-    print(report(manifest))
+    for key in ("workers", "tasks"):
+        if getattr(args, key) is not None:
+            setattr(s, key, getattr(args, key))
+    if args.text_field is not None:
+        s.json_field = args.text_field
+    slurm = None
+    if args.slurm:
+        slurm = SlurmOptions(partition=args.partition or "", time=args.time, cpus_per_task=args.cpus_per_task,
+                             max_parallel=args.max_parallel)
+    result = preprocess(args.inputs, args.out, args.tokenizer, s, overwrite=args.overwrite, slurm=slurm)
+    if slurm is not None:
+        jobs = ", ".join(f"{k} {v}" for k, v in result["jobs"].items())
+        print(f"submitted SLURM jobs (stage job-id; -1: already done): {jobs}")
+        print(f"manifest: {args.out}/manifest.json once the last job finishes; rerun this command to resume")
+        return 0
+    print(report(result))
     print(f"manifest: {args.out}/manifest.json")
     return 0
 
@@ -81,10 +93,18 @@ def add_data(sub) -> None:
     t.set_defaults(func=cmd_train_tokenizer)
 
     pre = data.add_parser("preprocess", help="clean, deduplicate, scrub and tokenise text into token shards")
-    pre.add_argument("inputs", nargs="+", help="text files (one document each), .jsonl files, directories or globs")
+    pre.add_argument("inputs", nargs="+", help="text files (one document each), .jsonl[.gz|.zst] or .parquet files, "
+                     "directories or globs")
     pre.add_argument("--tokenizer", required=True, help="a tokenizer directory (or its tokenizer.model)")
     pre.add_argument("--out", required=True, help="output directory: shards + manifest.json")
-    pre.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    pre.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
+    pre.add_argument("--tasks", type=int, default=None, help="tasks over the input files (default: one per file)")
+    pre.add_argument("--text-field", default=None, help="JSON field / Parquet column holding the text (default: text)")
+    pre.add_argument("--slurm", action="store_true", help="submit the stages as SLURM array jobs instead of running here")
+    pre.add_argument("--partition", default=None, help="with --slurm: partition (default: the cluster's)")
+    pre.add_argument("--time", default="24:00:00", help="with --slurm: time limit per array task")
+    pre.add_argument("--cpus-per-task", type=int, default=1, help="with --slurm: CPUs per array task")
+    pre.add_argument("--max-parallel", type=int, default=-1, help="with --slurm: array tasks running at once (-1: no limit)")
     pre.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     pre.set_defaults(func=cmd_preprocess)

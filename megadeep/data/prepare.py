@@ -29,11 +29,11 @@ from megadeep.data.tokenizer import TokenizerSettings, sha256_file
 from megadeep.errors import ConfigError, DataError
 
 # the modules whose code decides what a prepared corpus holds: a change to them rebuilds the cache
-_PIPELINE_CODE = ("reader", "cleaning", "dedup", "pii", "tokenizer", "preprocess", "shards")
+_PIPELINE_CODE = ("reader", "cleaning", "dedup", "pii", "tokenizer", "preprocess", "steps", "shards")
 
 
 def _corpus_settings(d: DataConfig):
-    from megadeep.data.preprocess import PreprocessSettings  # imports datasketch (and scipy): only when needed
+    from megadeep.data.preprocess import PreprocessSettings  # imports datatrove: only when needed
 
     return (settings_from_overrides(PreprocessSettings, list(corpus(d.corpus).preprocess)),
             TokenizerSettings(vocab_size=d.tokenizer_vocab))
@@ -43,9 +43,7 @@ def corpus_cache_dir(d: DataConfig) -> Path:
     """Where ``data.corpus`` is prepared: the key covers the files' content and every setting."""
     files = corpus(d.corpus).files()
     pre, tok = _corpus_settings(d)
-    settings = asdict(pre)
-    for key in ("workers", "batch_bytes"):  # how the work is spread does not change the result
-        settings.pop(key)
+    settings = pre.result_settings()
     code = [sha256_file(Path(__file__).parent / f"{m}.py") for m in _PIPELINE_CODE]
     key = {"format": FORMAT, "code": code, "files": [(Path(f).name, sha256_file(f)) for f in files], "preprocess": settings,
            "tokenizer": sha256_file(d.tokenizer) if d.tokenizer else asdict(tok)}
