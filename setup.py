@@ -27,8 +27,11 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 # Every third-party module megadeep imports at run time (tests/test_packaging.py checks it against the
 # source). torch comes first and from the right index (CPU or CUDA wheel): see scripts/setup.sh.
 INSTALL_REQUIRES = [
-    "torch", "deepspeed>=0.19.8,<0.20", "numpy", "pyyaml", "safetensors", "sentencepiece", "datasketch", "rich",
-    "tensorboard", "matplotlib",
+    "torch", "deepspeed>=0.19.8,<0.20", "numpy", "pyyaml", "safetensors", "sentencepiece", "rich",
+    "tensorboard", "matplotlib", "pyarrow",
+    # data preparation: datatrove's executors, its JSON-lines I/O (orjson) and logger (loguru, which
+    # megadeep quiets), .jsonl.zst inputs (zstandard, opened through datatrove's fsspec)
+    "datatrove>=0.10.1,<0.11", "orjson", "loguru", "zstandard",
 ]
 EXTRAS_REQUIRE = {"mpi": ["mpi4py"]}  # ranks from an MPI launcher (megadeep.launch.env)
 

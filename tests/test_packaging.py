@@ -38,4 +38,4 @@ def test_install_requires_lists_every_runtime_import():
     missing = {m for m in imported_modules() - set(OPTIONAL) if DISTRIBUTION.get(m, m).lower() not in required}
     assert not missing, f"imported by megadeep but not in setup.py's INSTALL_REQUIRES: {sorted(missing)}"
     assert setup_list("EXTRAS_REQUIRE")["mpi"] == ["mpi4py"]
-    assert {"safetensors", "sentencepiece", "datasketch", "rich"} <= required
+    assert {"safetensors", "sentencepiece", "datatrove", "rich"} <= required
