@@ -31,6 +31,7 @@ BASELINES = IMPLS[1:]
 OPT = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 CLIP, WARMUP, STEPS = 1.0, 10, 1000
 WARMUP_STEPS = 3
+MARK = "@@bench "
 TORCHTITAN_PATH = os.environ.get("MEGADEEP_BENCH_TORCHTITAN", "")  # a `pip install --target` dir, if not in the venv
 
 
@@ -115,7 +116,7 @@ def build_megadeep_bare(s: dict, workdir: Path):
     return torch_loop(model, lambda m, x, y: m(x, y), s)
 
 
-def build_hf(s: dict, workdir: Path):
+def build_hf_transformers(s: dict, workdir: Path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(
@@ -131,12 +132,6 @@ def build_torchtitan(s: dict, workdir: Path):
     """torchtitan's Llama 3 model class in the same loop (its trainer assumes CUDA)."""
     if TORCHTITAN_PATH:
         sys.path.append(TORCHTITAN_PATH)
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # torchtitan imports triton eagerly; its CPU path never calls it
-        import types
-
-        sys.modules["triton"] = types.ModuleType("triton")
     from bench.torchtitan_model import build
 
     model = build(s)
@@ -216,14 +211,14 @@ def worker(name: str, shape: dict) -> None:
         step, params = globals()[f"build_{name}"](shape, Path(tmp))
         for _ in range(WARMUP_STEPS):
             step()
-        print(json.dumps({"ready": True, "params": params}), flush=True)
+        print(MARK + json.dumps({"ready": True, "params": params, "threads": torch.get_num_threads()}), flush=True)
         for line in sys.stdin:
             times = []
             for _ in range(int(line)):
                 start = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - start)
-            print(json.dumps({"times": times, "load": os.getloadavg()[0], "peak": measure_cpu_peak_flops()}),
+            print(MARK + json.dumps({"times": times, "load": os.getloadavg()[0], "peak": measure_cpu_peak_flops()}),
                   flush=True)
 
 
@@ -237,11 +232,11 @@ class Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
     def reply(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read()[-2000:]
-            raise RuntimeError(f"{self.name} worker died: {err}")
-        return json.loads(line)
+        while line := self.proc.stdout.readline():  # libraries print too: answers carry a marker
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        err = self.proc.stderr.read()[-2000:]
+        raise RuntimeError(f"{self.name} worker died: {err}")
 
     def turn(self, steps: int) -> dict:
         self.proc.stdin.write(f"{steps}\n")
@@ -264,11 +259,12 @@ def run(quick: bool = False, rounds: int | None = None, steps_per_turn: int | No
     s = QUICK if quick else SHAPE
     rounds = rounds or (2 if quick else 5)
     steps_per_turn = steps_per_turn or (3 if quick else 3)
-    workers, params, skipped = {}, {}, {}
+    workers, params, threads, skipped = {}, {}, {}, {}
     for name in impls:  # built one at a time: each build and warm-up has the machine to itself
         w = Worker(name, s, timeout=1800)
         try:
-            params[name] = w.reply()["params"]
+            ready = w.reply()
+            params[name], threads[name] = ready["params"], ready["threads"]
             workers[name] = w
         except RuntimeError as e:
             skipped[name] = str(e).strip().splitlines()[-1][:300]
@@ -285,7 +281,7 @@ def run(quick: bool = False, rounds: int | None = None, steps_per_turn: int | No
     per_impl = {}
     for name, rows in samples.items():
         per_impl[name] = {
-            "params": params[name],
+            "params": params[name], "threads": threads[name],
             "tokens_per_s": tokens / statistics.median(r["step_s"] for r in rows),
             "pct_of_matmul_peak": 100 * statistics.median(fps / r["step_s"] / r["peak_flops"] for r in rows),
             "samples": rows,
