@@ -73,6 +73,12 @@ def ce(logits, targets):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
+def model_overrides(s: dict) -> list[str]:
+    return [f"model.vocab_size={s['vocab_size']}", f"model.dim={s['dim']}", f"model.n_layers={s['n_layers']}",
+            f"model.n_heads={s['n_heads']}", f"model.ffn_dim={s['ffn_dim']}", f"model.max_seq_len={s['seq_len']}",
+            "model.tie_embeddings=false", "model.vocab_pad_unit=1"]
+
+
 def build_megadeep(s: dict, workdir: Path):
     import itertools
 
@@ -81,10 +87,7 @@ def build_megadeep(s: dict, workdir: Path):
 
     text = workdir / "text.txt"
     text.write_bytes(bytes(range(256)) * 64)  # the loader wants data; the timed steps use batch(s) instead
-    cfg = resolve(load_config(None, [
-        f"model.vocab_size={s['vocab_size']}", f"model.dim={s['dim']}", f"model.n_layers={s['n_layers']}",
-        f"model.n_heads={s['n_heads']}", f"model.ffn_dim={s['ffn_dim']}", f"model.max_seq_len={s['seq_len']}",
-        "model.tie_embeddings=false", "model.vocab_pad_unit=1", f"train.seq_len={s['seq_len']}",
+    cfg = resolve(load_config(None, model_overrides(s) + [f"train.seq_len={s['seq_len']}",
         f"train.micro_batch_size={s['batch']}", f"train.global_batch_size={s['batch']}", f"train.steps={STEPS}",
         f"optim.lr={OPT['lr']}", f"optim.min_lr={OPT['lr'] / 10}", f"optim.warmup_steps={WARMUP}",
         f"optim.beta1={OPT['betas'][0]}", f"optim.beta2={OPT['betas'][1]}", f"optim.eps={OPT['eps']}",
@@ -100,11 +103,7 @@ def build_megadeep(s: dict, workdir: Path):
 def megadeep_model_config(s: dict):
     from megadeep.config import load_config
 
-    return load_config(None, [
-        f"model.vocab_size={s['vocab_size']}", f"model.dim={s['dim']}", f"model.n_layers={s['n_layers']}",
-        f"model.n_heads={s['n_heads']}", f"model.ffn_dim={s['ffn_dim']}", f"model.max_seq_len={s['seq_len']}",
-        "model.tie_embeddings=false", "model.vocab_pad_unit=1",
-    ]).model
+    return load_config(None, model_overrides(s)).model
 
 
 def build_megadeep_bare(s: dict, workdir: Path):

@@ -66,14 +66,14 @@ _ROPE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 def cached_rope_tables(seq_len: int, max_seq_len: int, head_dim: int, theta: float, device, dtype):
     """``rope_tables`` for the first ``seq_len`` positions, computed once per (shape, device, dtype)
     for ``max_seq_len`` positions and sliced: every layer of every step reads the same tables
-    (rebuilding them in each layer was 3-5% of a CPU step). Always built at ``max_seq_len`` or more,
-    so a position's value does not depend on which sequence length came first."""
-    key = (head_dim, theta, torch.device(device), dtype)
-    tables = _ROPE.get(key)
-    if tables is None or tables[0].shape[0] < seq_len:
-        cos, sin = rope_tables(max(seq_len, max_seq_len), head_dim, theta, device)
-        tables = _ROPE[key] = (cos.to(dtype), sin.to(dtype))
-    return tables[0][:seq_len], tables[1][:seq_len]
+    (rebuilding them in each layer was 3-5% of a CPU step). The table's length is part of the key,
+    so its values never depend on what ran before in the process."""
+    n = max(seq_len, max_seq_len)
+    key = (n, head_dim, theta, torch.device(device), dtype)
+    if key not in _ROPE:
+        _ROPE[key] = tuple(t.to(dtype) for t in rope_tables(n, head_dim, theta, device))
+    cos, sin = _ROPE[key]
+    return cos[:seq_len], sin[:seq_len]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
