@@ -1,13 +1,17 @@
 """When to save, saving from every rank, and resuming from the newest usable checkpoint.
 
 The trainer calls three things: ``resume()`` once after building the engine, ``after_step(state)``
-after every optimizer step, and reads ``last_good`` for error messages. Every rank runs the same
+after every optimizer step, and reads ``last_good`` for error messages. Periodic saves are
+asynchronous: training pauses for a snapshot to host memory, a thread writes, hashes and fsyncs, and
+the checkpoint is committed (and ``latest`` moved) at a later step boundary once every rank's writer
+is done; explicit saves (SIGUSR1, the end of training) first finish the one in flight. Every rank runs the same
 code: DP rank 0 of each (TP rank, PP stage) writes that piece of the model and optimizer, every rank
 writes its RNG state, global rank 0 seals the directory. On load every rank reads just the pieces
 its own layout needs, so a checkpoint loads into any (TP, PP, DP, ZeRO) layout.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -154,7 +158,7 @@ class CheckpointManager:
             for s in gathered:
                 for name, spec in s.items():
                     specs.setdefault(name, spec)  # a tied copy on a later stage: keep the first
-            meta = self._meta(state, specs)
+            meta = copy.deepcopy(self._meta(state, specs))  # as of this step, whatever runs meanwhile
         self.timings = {"snapshot_s": time.perf_counter() - started}
         self._pending = PendingSave(tmp, state.step, snapshot, rng_file(self.rank), rng_state, meta)
         if background:
