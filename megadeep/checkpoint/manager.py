@@ -132,6 +132,7 @@ class CheckpointManager:
         assert self.root is not None
         self.wait()
         started = time.perf_counter()
+        self._last_save = time.monotonic()  # the clock counts from the state's step, not from its commit
         tmp = self.root / f"{store.TMP_PREFIX}{store.tag(state.step)}"
         if self.rank == 0:
             store.begin(self.root, state.step)
@@ -221,7 +222,6 @@ class CheckpointManager:
             store.prune(self.root, c.keep_last, c.keep_every, protect=final)
         dist.barrier()
         self.last_good = final
-        self._last_save = time.monotonic()
         self.timings["write_s"] = pending.elapsed
         if self.rank == 0 and self.cfg.log.progress:
             print(f"megadeep: saved checkpoint {final}", flush=True)
