@@ -206,6 +206,8 @@ class Trainer:
                 self.guard.observe(r)
                 summary.history.append(r)
                 summary.records.append(self.log.step({**vars(r), **self._extras()}))
+                if r.skipped:  # an abort names the last good checkpoint: commit the one in flight first
+                    self.checkpoints.wait()
                 self.guard.check(self.checkpoints.last_good)
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     val = self.evaluate()
