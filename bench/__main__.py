@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU = ("kernels", "train_throughput", "pipeline_bubble", "zero_memory", "tp_comm", "preprocess", "adam", "checkpoint",
-       "planner_calibration", "construction")
+CPU = ("kernels", "train_throughput", "step_overhead", "pipeline_bubble", "zero_memory", "tp_comm", "preprocess", "adam",
+       "checkpoint", "planner_calibration", "construction")
 GPU = ("gpu_mfu",)  # kernels.py measures CPU kernels only
 
 

@@ -1,8 +1,11 @@
 """Checkpoint save and load time of megadeep's format next to DeepSpeed's native
-``save_checkpoint``/``load_checkpoint`` on the same engine, in the same run (one process, fp32, ZeRO-1).
+``save_checkpoint``/``load_checkpoint`` on the same engine, in the same run (one process, fp32, ZeRO-1),
+and the stall an asynchronous save puts on training.
 
 megadeep's save also hashes every byte (sha256) and fsyncs; its load verifies the hashes first. The
-ratios say what that safety costs; a training step is timed too, for scale.
+ratios say what that safety costs. The stall: the step that triggers a background save (its
+``train_step`` + ``after_step``) against a normal step plus the snapshot to host memory, and the
+steps that run while the save is written.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ def run(quick: bool = False) -> dict:
         trainer = Trainer(cfg)
         engine, manager = trainer.engine, trainer.checkpoints
         step_s = median_time(trainer.train_step, repeats=2)
+        stall = measure_stall(trainer, manager, step_s)
         state = TrainState(trainer.step, trainer.train_data.consumed)
         repeats = 3
         ours_save = median_time(lambda: manager.save(state), repeats=repeats)
@@ -52,6 +56,7 @@ def run(quick: bool = False) -> dict:
             "megadeep_save_s": ours_save, "deepspeed_save_s": ds_save, "save_ratio": ours_save / ds_save,
             "megadeep_load_s": ours_load, "deepspeed_load_s": ds_load, "load_ratio": ours_load / ds_load,
             "megadeep_bytes": size(manager.last_good), "deepspeed_bytes": size(ds_dir / "t"),
+            **stall, "async_total_over_deepspeed": stall["async_total_s"] / ds_save,
         }
         trainer.close()
         return result
@@ -59,12 +64,39 @@ def run(quick: bool = False) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def measure_stall(trainer, manager, step_s: float) -> dict:
+    """Time the step that starts a background save and the steps that run while it is written."""
+    import time
+
+    from megadeep.checkpoint.manager import TrainState
+
+    start = time.perf_counter()
+    trainer.train_step()
+    manager.save(TrainState(trainer.step, trainer.train_data.consumed), background=True)
+    trigger_s = time.perf_counter() - start
+    snapshot_s = manager.timings["snapshot_s"]
+    during = []
+    while manager.in_flight():
+        t0 = time.perf_counter()
+        trainer.train_step()
+        manager.poll()
+        during.append(time.perf_counter() - t0)
+    return {"trigger_step_s": trigger_s, "snapshot_s": snapshot_s, "background_write_s": manager.timings["write_s"],
+            "steps_during_save_s": during, "async_total_s": snapshot_s + manager.timings["write_s"],
+            "stall_limit_s": 1.5 * step_s + snapshot_s, "stall_ok": trigger_s <= 1.5 * step_s + snapshot_s}
+
+
 def headline(r: dict) -> list[dict]:
     safety = {"save": "hashed + fsynced", "load": "hashes verified"}
     return [row(f"checkpoint {what} s, megadeep ({safety[what]}) vs DeepSpeed {what}_checkpoint, "
                 f"{r['params'] / 1e6:.0f}M params",
                 r[f"megadeep_{what}_s"], r[f"deepspeed_{what}_s"], r[f"{what}_ratio"])
-            for what in safety]
+            for what in safety] + [
+        row(f"step that starts an async save, s, vs 1.5 x normal step + host snapshot ({r['snapshot_s']:.2f} s), "
+            f"{r['params'] / 1e6:.0f}M params", r["trigger_step_s"], r["stall_limit_s"]),
+        row(f"async save total (snapshot + background write/hash/fsync) s vs DeepSpeed save_checkpoint, "
+            f"{r['params'] / 1e6:.0f}M params", r["async_total_s"], r["deepspeed_save_s"]),
+    ]
 
 
 if __name__ == "__main__":
@@ -77,4 +109,8 @@ if __name__ == "__main__":
     for what in ("save", "load"):
         print(f"{what:10}{r[f'megadeep_{what}_s']:>11.2f}s{r[f'deepspeed_{what}_s']:>11.2f}s{r[f'{what}_ratio']:>8.2f}")
     print(f"{'bytes':10}{r['megadeep_bytes'] / 1e6:>11.0f}M{r['deepspeed_bytes'] / 1e6:>11.0f}M")
+    print(f"async: trigger step {r['trigger_step_s']:.2f} s (limit {r['stall_limit_s']:.2f} s = 1.5 x step + "
+          f"snapshot {r['snapshot_s']:.2f} s), background write {r['background_write_s']:.2f} s, total "
+          f"{r['async_total_s']:.2f} s = {r['async_total_over_deepspeed']:.2f} x DeepSpeed save; steps meanwhile "
+          + ", ".join(f"{t:.2f}" for t in r["steps_during_save_s"]))
     print(f"wrote {save('checkpoint', {'quick': args.quick, **r})}")

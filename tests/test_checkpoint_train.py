@@ -62,6 +62,17 @@ def test_exact_resume_after_sigkill_and_fallback_past_damage(text, tmp_path):
     assert store.latest(run).name == "step_00000010"
     assert not list(run.glob(".tmp-*"))
 
+    # A crash while step 10's save is still being written in the background: step 5 stays latest.
+    results, proc = launch(tmp_path, "killsave", 2, text, [
+        {"name": "inflight", "overrides": common + [f"checkpoint.dir={tmp_path / 'inflight'}"],
+         "kill_in_save_at_step": 10},
+    ], check=False)
+    assert proc.returncode != 0 and "inflight" not in results, "SIGKILL of rank 0's writer must fail the launch"
+    inflight = tmp_path / "inflight"
+    assert store.latest(inflight).name == "step_00000005"
+    assert [p.name for p in store.candidates(inflight)] == ["step_00000005"]
+    assert (inflight / ".tmp-step_00000010").is_dir()  # the half-written save, never visible as a checkpoint
+
     # Two damaged copies: a truncated weight file, and an RNG file swapped for a code-running pickle.
     truncated, poisoned = tmp_path / "truncated", tmp_path / "poisoned"
     shutil.copytree(run, truncated)
@@ -74,11 +85,23 @@ def test_exact_resume_after_sigkill_and_fallback_past_damage(text, tmp_path):
     resume = ["train.steps=20", "checkpoint.save_every=5", "deepspeed.config=zero1", *DROPOUT]
     results, proc = launch(tmp_path, "resume", 2, text, [
         {"name": name, "overrides": resume + [f"checkpoint.dir={tmp_path / name}"]}
-        for name in ("run", "truncated", "poisoned")
-    ])
+        for name in ("run", "truncated", "poisoned", "inflight")
+    ] + [{"name": "usr1", "overrides": resume + [f"checkpoint.dir={tmp_path / 'usr1'}"],
+          "slow_save_at_step": 10, "usr1_at_step": 11}])
     r = results["run"]
     assert r["start"] == 10 and r["steps"] == list(range(11, 21))
     assert r["loss"] == ref[10:], "steps 11-20 after SIGKILL + resume must be bitwise identical"
+    r = results["inflight"]
+    assert r["start"] == 5 and r["loss"] == ref[5:], "a crash during a background save resumes from the one before"
+    assert r["commits"] == [10, 15, 20] and not list(inflight.glob(".tmp-*"))  # the leftover is cleared
+    # SIGUSR1 during step 11 while step 10's (slowed) save is in flight: that save completes, then step 11's.
+    r = results["usr1"]
+    assert r["in_flight_at_signal"] is True and r["preempted"] and r["steps"] == list(range(1, 12))
+    assert r["commits"] == [5, 10, 11] and r["loss"] == ref[:11]
+    assert store.latest(tmp_path / "usr1").name == "step_00000011"
+    for step in (10, 11):
+        store.Checkpoint.open(tmp_path / "usr1" / store.tag(step)).verify(
+            json.loads((tmp_path / "usr1" / store.tag(step) / store.MANIFEST).read_text())["files"])
     for name, bad in (("truncated", "exp_avg-tp00-pp00.safetensors"), ("poisoned", "rank00001.pt")):
         r = results[name]
         assert r["start"] == 5 and r["loss"] == ref[5:], name  # fell back to step 5, still exact

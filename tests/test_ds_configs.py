@@ -117,7 +117,7 @@ def test_recipe_trains_on_two_cpu_processes(recipe, dp2):
     assert len(losses) == 3 and all(map(lambda x: x == x and abs(x) < 1e4, losses)), losses
     assert losses[-1] < losses[0] - 0.5, losses
     offloaded = "offload" in recipe or "nvme" in recipe
-    assert r["adam"] == ("DeepSpeedCPUAdam" if offloaded else "torch AdamW (foreach)")
+    assert r["adam"] == ("DeepSpeedCPUAdam" if offloaded else "torch AdamW (fused)")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -40,8 +40,8 @@ def apex(monkeypatch):
     ("zero3_offload_all", "cuda", False, "DeepSpeedCPUAdam"),
     ("zero3_nvme", "cuda", True, "DeepSpeedCPUAdam"),
     ("zero3_offload", "cpu", False, "DeepSpeedCPUAdam"),
-    ("zero0", "cpu", True, "torch AdamW (foreach)"),
-    ("zero2", "cpu", False, "torch AdamW (foreach)"),
+    ("zero0", "cpu", True, "torch AdamW (fused)"),
+    ("zero2", "cpu", False, "torch AdamW (fused)"),
 ])
 def test_auto_choice(recipe, device, apex_ok, expected, apex):
     apex(apex_ok)
@@ -56,7 +56,7 @@ def test_auto_choice(recipe, device, apex_ok, expected, apex):
         assert built.defaults["lr"] == 3e-4 and list(built.defaults["betas"]) == [0.9, 0.95]
     else:
         assert choice.client is None and cfg["optimizer"]["type"] == "AdamW"
-        assert cfg["optimizer"]["params"].get("torch_adam", False) == (expected == "torch AdamW (foreach)")
+        assert cfg["optimizer"]["params"].get("torch_adam", False) == (expected == "torch AdamW (fused)")
 
 
 def deepspeed_builds(cfg: dict):
@@ -67,8 +67,9 @@ def deepspeed_builds(cfg: dict):
     offloaded = cfg["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
     engine = types.SimpleNamespace(zero_use_cpu_optimizer=lambda: offloaded, bf16_optimizer_states=lambda: False,
                                    zenflow=False)
-    cls, _ = DeepSpeedEngine.get_optimizer_configuration(engine, dict(cfg["optimizer"]["params"]), True)
-    return cls
+    params = dict(cfg["optimizer"]["params"])
+    cls, kwargs = DeepSpeedEngine.get_optimizer_configuration(engine, params, True)
+    return cls, {**params, **kwargs}
 
 
 @pytest.mark.parametrize("recipe,device,expected", [
@@ -81,9 +82,12 @@ def test_deepspeed_builds_what_we_log(recipe, device, expected, apex):
     apex(False)
     cfg = ds_config(recipe, "deepspeed.nvme_path=/tmp/x")
     name = opt.choose_adam(cfg, device).name
-    cls = deepspeed_builds(cfg)
+    cls, kwargs = deepspeed_builds(cfg)
     assert cls.__name__ == expected, (name, cls)
     assert cls.__module__.startswith("torch.optim" if name.startswith("torch") else "deepspeed.ops")
+    if name.startswith("torch"):  # the kwargs DeepSpeed passes build torch's fused kernel, not foreach
+        built = cls([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+        assert built.defaults["fused"] is True and not built.defaults["foreach"]
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -104,4 +108,4 @@ def test_explicit_choice_needs_what_it_names(apex):
         opt.choose_adam(ds_config("zero1", "deepspeed.optimizer=apex_fused"), "cuda", "apex_fused")
     with pytest.raises(ConfigError, match="needs CUDA"):
         opt.choose_adam(ds_config("zero1"), "cpu", "ds_fused")
-    assert opt.choose_adam(ds_config("zero2_offload"), "cuda", "torch").name == "torch AdamW (foreach)"
+    assert opt.choose_adam(ds_config("zero2_offload"), "cuda", "torch").name == "torch AdamW (fused)"

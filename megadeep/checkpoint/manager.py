@@ -1,14 +1,19 @@
 """When to save, saving from every rank, and resuming from the newest usable checkpoint.
 
 The trainer calls three things: ``resume()`` once after building the engine, ``after_step(state)``
-after every optimizer step, and reads ``last_good`` for error messages. Every rank runs the same
+after every optimizer step, and reads ``last_good`` for error messages. Periodic saves are
+asynchronous: training pauses for a snapshot to host memory, a thread writes, hashes and fsyncs, and
+the checkpoint is committed (and ``latest`` moved) at a later step boundary once every rank's writer
+is done; explicit saves (SIGUSR1, the end of training) first finish the one in flight. Every rank runs the same
 code: DP rank 0 of each (TP rank, PP stage) writes that piece of the model and optimizer, every rank
 writes its RNG state, global rank 0 seals the directory. On load every rank reads just the pieces
 its own layout needs, so a checkpoint loads into any (TP, PP, DP, ZeRO) layout.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +43,43 @@ class TrainState:
     consumed_samples: int
 
 
+class PendingSave:
+    """One rank's part of a save after the snapshot: serialise, write, hash and fsync its files, in a
+    thread or inline. Touches only host memory and files (no collectives, no engine state)."""
+
+    def __init__(self, tmp: Path, step: int, snapshot: dict, rng_rel: str, rng_state: dict, meta: dict | None):
+        self.tmp, self.step, self.meta = tmp, step, meta
+        self._snapshot, self._rng = snapshot, (rng_rel, rng_state)
+        self.files: dict[str, dict] = {}
+        self.error: str | None = None
+        self.elapsed = 0.0
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        try:
+            for rel, (kind, tensors) in self._snapshot.items():
+                self.files[rel] = store.write_tensors(self.tmp, rel, tensors, {"kind": kind})
+            rel, state = self._rng
+            self.files[rel] = store.write_pt(self.tmp, rel, state)
+        except Exception as e:  # reported to every rank by finish(); the previous checkpoint stays latest
+            self.error = f"{type(e).__name__}: {e}"
+        self._snapshot = {}  # free the host copies
+        self.elapsed = time.perf_counter() - start
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=f"megadeep-save-{self.step}", daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def join(self) -> tuple[dict, str | None]:
+        if self._thread is not None:
+            self._thread.join()
+        return self.files, self.error
+
+
 def check_architecture(saved: ModelConfig, current: ModelConfig, where: Path) -> None:
     for key in ARCHITECTURE:
         a, b = getattr(saved, key), getattr(current, key)
@@ -56,61 +98,131 @@ class CheckpointManager:
         self.layout, self.coord, self.rank = groups.layout(), groups.coord(), dist.get_rank()
         self.last_good: Path | None = None
         self._last_save = time.monotonic()
+        self._pending: PendingSave | None = None
+        self._host: dict[tuple[str, str], torch.Tensor] = {}  # pinned snapshot buffers, reused
+        self.timings: dict[str, float] = {}  # the last save's snapshot_s (training paused) and write_s
 
     # --- saving ----------------------------------------------------------------------------------
     def after_step(self, state: TrainState, final: bool = False) -> Path | None:
-        """Save if the step count, the clock or the end of training asks for it (all ranks agree).
-        (SIGUSR1 is the trainer's: it saves through :meth:`save` and stops.)"""
+        """Finish an in-flight save whose files are all written; start a new one (in the background)
+        if the step count or the clock asks for it, or save synchronously at the end of training
+        (all ranks agree). (SIGUSR1 is the trainer's: it saves through :meth:`save` and stops.)"""
         if self.root is None:
             return None
+        self.poll()
         c = self.cfg.checkpoint
         due = final or (c.save_every > 0 and state.step % c.save_every == 0)
         if c.save_minutes > 0:  # each rank's clock: agree on the decision
             flag = torch.tensor([int(due or time.monotonic() - self._last_save >= 60 * c.save_minutes)])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             due = bool(flag.item())
-        return self.save(state) if due else None
+        return self.save(state, background=not final) if due else None
 
     def _specs(self) -> dict[str, dict]:
         tp, stage, vocab = self.layout.tp, self.coord.pp, self.cfg.model.vocab_size
         return {n: ParamSpec.of(n, p, tp, stage, vocab).to_json() for n, p in self.params.items()}
 
-    def save(self, state: TrainState) -> Path:
+    def save(self, state: TrainState, background: bool = False) -> Path:
+        """Checkpoint ``state``. Training pauses only for the snapshot to host memory (the collectives
+        that gather ZeRO fragments, a device→pinned-host copy on GPU); serialising, hashing and fsync
+        run in a thread. At most one save is in flight: a new one first finishes the previous. The
+        checkpoint becomes visible (renamed into place, ``latest``) only in :meth:`finish`, after every
+        rank's files are written and fsynced, so a crash meanwhile leaves the previous one as latest.
+        ``background=False`` returns with the checkpoint committed."""
         assert self.root is not None
+        self.wait()
+        started = time.perf_counter()
+        self._last_save = time.monotonic()  # the clock counts from the state's step, not from its commit
         tmp = self.root / f"{store.TMP_PREFIX}{store.tag(state.step)}"
         if self.rank == 0:
             store.begin(self.root, state.step)
         dist.barrier()
-        files: dict[str, dict] = {}
         writer = self.coord.dp == 0
         self.state.ensure_state()
+        snapshot: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # file → (kind, tensors)
         for kind in KINDS:
             tensors = {}
             for name, p in self.params.items():
-                t = self.state.get(p, kind)  # collective over DP under ZeRO
+                t = self.state.get(p, kind)  # collective over DP under ZeRO; a copy, never a view
                 if writer:
-                    tensors[name] = t
+                    tensors[name] = self._to_host(kind, name, t)
             if writer:
-                rel = tensor_file(kind, self.coord.tp, self.coord.pp)
-                files[rel] = store.write_tensors(tmp, rel, tensors, {"kind": kind})
-            del tensors
-        files[rng_file(self.rank)] = store.write_pt(tmp, rng_file(self.rank), rng.capture())
+                snapshot[tensor_file(kind, self.coord.tp, self.coord.pp)] = (kind, tensors)
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()  # the non-blocking copies into pinned memory have landed
+        rng_state = rng.capture()
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (files, self._specs()))  # our own ranks' dicts, not a file
-        final = self.root / store.tag(state.step)
+        dist.all_gather_object(gathered, self._specs())
+        meta = None
         if self.rank == 0:
-            all_files, specs = {}, {}
-            for f, s in gathered:
-                all_files.update(f)
+            specs: dict = {}
+            for s in gathered:
                 for name, spec in s.items():
                     specs.setdefault(name, spec)  # a tied copy on a later stage: keep the first
-            all_files[store.META] = store.write_json(tmp, store.META, self._meta(state, specs))
-            store.commit(tmp, all_files, state.step)
+            meta = copy.deepcopy(self._meta(state, specs))  # as of this step, whatever runs meanwhile
+        self.timings = {"snapshot_s": time.perf_counter() - started}
+        self._pending = PendingSave(tmp, state.step, snapshot, rng_file(self.rank), rng_state, meta)
+        if background:
+            self._pending.start()
+        else:
+            self._pending.run()
+        final = self.root / store.tag(state.step)
+        if not background:
+            self.wait()
+        return final
+
+    def _to_host(self, kind: str, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in host memory the background writer can own: on GPU a reused pinned buffer (the
+        previous save has finished, so it is free), on CPU ``t`` itself (``EngineState.get`` copies)."""
+        if t.device.type == "cpu":
+            return t
+        buf = self._host.get((kind, name))
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._host[(kind, name)] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return buf.copy_(t, non_blocking=True)
+
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    def poll(self) -> None:
+        """Finish the in-flight save if every rank's writer is done (one small collective per step
+        while a save is in flight; ranks decide together, so all enter :meth:`finish`)."""
+        if self._pending is None:
+            return
+        done = torch.tensor([int(self._pending.done())])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if done.item():
+            self.finish()
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) is committed."""
+        if self._pending is not None:
+            self.finish()
+
+    def finish(self) -> Path:
+        """Collective: join this rank's writer, gather every rank's file records, and on rank 0 write
+        meta.json, seal the directory with its manifest, move ``latest`` and prune."""
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        files, error = pending.join()
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (files, error))
+        errors = [e for _, e in gathered if e]
+        if errors:
+            raise CheckpointError(f"saving checkpoint step {pending.step} failed: {errors[0]}")
+        final = self.root / store.tag(pending.step)
+        if self.rank == 0:
+            all_files = {}
+            for f, _ in gathered:
+                all_files.update(f)
+            all_files[store.META] = store.write_json(pending.tmp, store.META, pending.meta)
+            store.commit(pending.tmp, all_files, pending.step)
             c = self.cfg.checkpoint
             store.prune(self.root, c.keep_last, c.keep_every, protect=final)
         dist.barrier()
         self.last_good = final
-        self._last_save = time.monotonic()
+        self.timings["write_s"] = pending.elapsed
         if self.rank == 0 and self.cfg.log.progress:
             print(f"megadeep: saved checkpoint {final}", flush=True)
         return final

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,14 +63,21 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_bytes(root: Path, rel: str, data: bytes) -> dict:
-    """Write ``root/rel`` durably; returns its manifest record."""
+    """Write ``root/rel`` durably; returns its manifest record. The sha256 is computed in a second
+    thread while the bytes go to disk (hashlib releases the GIL), so hashing hides behind the fsync."""
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"sha256": sha256_bytes(data), "bytes": len(data)}
+    digest: list[str] = []
+    hasher = threading.Thread(target=lambda: digest.append(sha256_bytes(data)), name="megadeep-sha256")
+    hasher.start()
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        hasher.join()
+    return {"sha256": digest[0], "bytes": len(data)}
 
 
 def write_json(root: Path, rel: str, obj) -> dict:

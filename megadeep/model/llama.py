@@ -62,6 +62,22 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torc
     return emb.cos(), emb.sin()
 
 
+_ROPE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def cached_rope_tables(seq_len: int, max_seq_len: int, head_dim: int, theta: float, device, dtype):
+    """``rope_tables`` for the first ``seq_len`` positions, computed once per (shape, device, dtype)
+    for ``max_seq_len`` positions and sliced: every layer of every step reads the same tables
+    (rebuilding them in each layer was 3-5% of a CPU step). The table's length is part of the key,
+    so its values never depend on what ran before in the process."""
+    n = max(seq_len, max_seq_len)
+    key = (n, head_dim, theta, torch.device(device), dtype)
+    if key not in _ROPE:
+        _ROPE[key] = tuple(t.to(dtype) for t in rope_tables(n, head_dim, theta, device))
+    cos, sin = _ROPE[key]
+    return cos[:seq_len], sin[:seq_len]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
@@ -72,6 +88,7 @@ class Attention(nn.Module):
         super().__init__()
         tp = groups.get_tensor_model_parallel_world_size()
         self.head_dim, self.theta, self.dropout = cfg.head_dim, cfg.rope_theta, cfg.attention_dropout
+        self.max_seq_len = cfg.max_seq_len
         self.n_heads, self.n_kv_heads = cfg.n_heads // tp, cfg.kv_heads // tp
         hd, sp = cfg.head_dim, sequence_parallel
         q, kv = cfg.n_heads * hd, cfg.kv_heads * hd
@@ -88,7 +105,7 @@ class Attention(nn.Module):
         q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = (t.to(q.dtype) for t in rope_tables(s, self.head_dim, self.theta, q.device))
+        cos, sin = cached_rope_tables(s, self.max_seq_len, self.head_dim, self.theta, q.device, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.dropout if self.training else 0.0
         with get_rng_tracker().fork() if p else contextlib.nullcontext():  # heads differ per TP rank

@@ -16,19 +16,31 @@ import torch.distributed as dist
 from megadeep.parallel import groups
 
 
+def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Σ‖g‖² over ``grads`` as a CPU fp64 scalar: one fused norm kernel per tensor (no fp64 copy of
+    any gradient), the per-tensor norms squared and summed in fp64, so that how a layout splits a
+    tensor into TP shards changes the result by no more than fp32 rounding of each piece."""
+    total = torch.zeros((), dtype=torch.float64)
+    by_device_dtype: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        by_device_dtype.setdefault((g.device, g.dtype), []).append(g)
+    for group in by_device_dtype.values():
+        norms = torch._foreach_norm(group, 2)  # what torch.nn.utils.clip_grad_norm_ uses
+        total += torch.stack(norms).double().pow(2).sum().cpu()
+    return total
+
+
 def global_grad_norm(params) -> float:
     """L2 norm of the full model's gradient, as the single-process model computes it.
 
     Each value is counted once: a TP-replicated parameter on TP rank 0 only, a pipeline-tied copy
     only where DeepSpeed did not mark it ``ds_pipe_replicated``; the sum runs over TP and PP.
     """
-    total = torch.zeros((), dtype=torch.float64)
     first_tp_rank = groups.get_tensor_model_parallel_rank() == 0
-    for p in params:
-        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
-            continue
-        if getattr(p, "tensor_model_parallel", False) or first_tp_rank:
-            total += p.grad.detach().double().pow(2).sum().cpu()
+    grads = [p.grad.detach() for p in params
+             if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
+             and (getattr(p, "tensor_model_parallel", False) or first_tp_rank)]
+    total = sum_of_squares(grads)
     if groups.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=groups.get_tensor_model_parallel_group())
     if groups.get_pipeline_model_parallel_world_size() > 1:

@@ -35,6 +35,20 @@ from megadeep.training.optimizer import choose_adam, lr_scheduler, param_groups
 from megadeep.training.run import resolve_run
 
 
+def skip_identity_allreduce(engine, dp: int) -> bool:
+    """At DP=1 without ZeRO, DeepSpeed's gradient all-reduce flattens every gradient, all-reduces
+    over one rank and copies back: ~5% of a step for nothing. Turn it off there (the pipeline engine
+    has its own flag; its tied-weight reduction is separate and stays). Only for a bare optimizer:
+    ZeRO 1/2/3 and DeepSpeed's fp16/bf16 wrappers also move gradients into their own buffers there."""
+    wrapped = hasattr(engine.optimizer, "set_gradient_accumulation_boundary")  # DeepSpeed's optimizer base
+    if dp != 1 or engine.zero_optimization_stage() != 0 or wrapped or engine.has_moe_layers:
+        return False
+    engine.enable_backward_allreduce = False
+    if hasattr(engine, "pipeline_enable_backward_allreduce"):
+        engine.pipeline_enable_backward_allreduce = False
+    return True
+
+
 @dataclass
 class StepResult:
     step: int
@@ -93,6 +107,7 @@ class Trainer:
             config=ds_config, mpu=mpu,
             lr_scheduler=lr_scheduler(cfg.train.steps, o.warmup_steps, o.lr, o.min_lr),
         )
+        skip_identity_allreduce(self.engine, p.dp)
         self.clip = ClipByGlobalNorm(optimizer, model.parameters(), o.grad_clip) if run.megadeep_clips else None
         dp_rank, dp = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
         t = cfg.train
@@ -182,6 +197,8 @@ class Trainer:
                 extras = self._extras()  # before any save: comm bytes and memory are the step's own
                 self.guard.observe(r)
                 summary.history.append(r)
+                if r.skipped:  # an abort names the last good checkpoint: commit the one in flight first
+                    self.checkpoints.wait()
                 self.guard.check(self.checkpoints.last_good)
                 stop = self.step < t.steps and self._stop_requested()
                 # The step is saved before anything else can fail (logging, evaluation): a crash there
@@ -195,6 +212,7 @@ class Trainer:
                     summary.preempted = True
                     break
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
+                    self.checkpoints.wait()  # commit a background save of this step before evaluation can fail
                     val = self.evaluate()
                     if val is not None:
                         summary.val_losses.append((self.step, val))

@@ -1,7 +1,12 @@
 """Checkpoint scenarios, several per launch: each job is a training run, optionally with a test hook.
 
 argv: JOBS.json OUT.json. JOBS is a list of {"name", "overrides": [...], and optionally
-"kill_at_step": k (rank 0 SIGKILLs itself in the forward of step k: a crash mid-step),
+"kill_at_step": k (all ranks first wait for an in-flight background save, then rank 0 SIGKILLs
+itself in the forward of step k: a crash mid-step after a completed save),
+"kill_in_save_at_step": k (rank 0's background writer SIGKILLs its process half-way through the
+first file of step k's checkpoint: a crash while a save is in flight),
+"usr1_at_step": k (rank 0 sends itself SIGUSR1 in the forward of step k) with "slow_save_at_step": k2
+(every write of step k2's checkpoint first sleeps 1 s, so that save is still in flight),
 "nan_at_step": k / "nan_rank": r / "nan_until_step": k2 (rank r's loss is NaN in steps k..k2),
 "snapshot_step": k (compare full weights + Adam state before and after step k)}.
 OUT gets, per job name, the per-step history, or the error that stopped it.
@@ -10,9 +15,12 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 
 import torch
 
+from megadeep.checkpoint import store
 from megadeep.checkpoint.engine_state import EngineState
 from megadeep.checkpoint.tensors import KINDS
 from megadeep.config import load_config, resolve
@@ -53,6 +61,42 @@ def install_hooks(trainer, job, rank, report):
         return out
 
     module.forward = hooked
+    if job.get("usr1_at_step"):
+        def signal_hook(*args, **kwargs):
+            if trainer.step + 1 == job["usr1_at_step"] and rank == 0 and "in_flight_at_signal" not in report:
+                report["in_flight_at_signal"] = trainer.checkpoints.in_flight()
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return hooked(*args, **kwargs)
+
+        module.forward = signal_hook
+    if job.get("kill_at_step"):
+        step_fn = trainer.train_step
+
+        def after_saves_step(*args, **kwargs):
+            if trainer.step + 1 == job["kill_at_step"]:
+                trainer.checkpoints.wait()  # collective: every rank is here
+            return step_fn(*args, **kwargs)
+
+        trainer.train_step = after_saves_step
+    write_bytes, commit = store.write_bytes, store.commit
+    in_save = lambda root, step: step is not None and root.name == f"{store.TMP_PREFIX}{store.tag(step)}"  # noqa: E731
+
+    def hooked_write(root, rel, data):
+        if threading.current_thread() is not threading.main_thread():
+            if in_save(root, job.get("kill_in_save_at_step")) and rank == 0:
+                path = root / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            if in_save(root, job.get("slow_save_at_step")):
+                time.sleep(1.0)
+        return write_bytes(root, rel, data)
+
+    def hooked_commit(tmp, files, step):
+        report.setdefault("commits", []).append(step)
+        return commit(tmp, files, step)
+
+    store.write_bytes, store.commit = hooked_write, hooked_commit
     if "snapshot_step" in job:
         train_step = trainer.train_step
 
@@ -76,6 +120,7 @@ def run_job(job, world, text):
         trainer = Trainer(cfg)
     except CheckpointError as e:
         return {"error": f"{type(e).__name__}: {e}"}
+    originals = store.write_bytes, store.commit
     try:
         install_hooks(trainer, job, discover().rank, report)
         start = trainer.step
@@ -85,9 +130,10 @@ def run_job(job, world, text):
         return report
     finally:
         trainer.close()
+        store.write_bytes, store.commit = originals
     h = summary.history
     report.update(start=start, steps=[r.step for r in h], loss=[r.loss for r in h],
-                  grad_norm=[r.grad_norm for r in h], skipped=[r.skipped for r in h], skipped_total=trainer.engine.skipped_steps)
+                  preempted=summary.preempted, grad_norm=[r.grad_norm for r in h], skipped=[r.skipped for r in h], skipped_total=trainer.engine.skipped_steps)
     return report
 
 
