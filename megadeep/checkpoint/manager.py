@@ -25,7 +25,6 @@ from megadeep.checkpoint import rng, store
 from megadeep.checkpoint.engine_state import EngineState
 from megadeep.checkpoint.store import CheckpointError
 from megadeep.checkpoint.tensors import KINDS, ParamSpec, TensorReader, rng_file, tensor_file
-from megadeep.config.deepspeed import load_recipe, zero_stage
 from megadeep.config.load import to_dict
 from megadeep.config.schema import ModelConfig, RunConfig
 from megadeep.errors import ConfigError
@@ -233,7 +232,7 @@ class CheckpointManager:
             "step": state.step,
             "consumed_samples": state.consumed_samples,
             "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp},
-            "zero_stage": zero_stage(load_recipe(self.cfg.deepspeed.config)),
+            "zero_stage": self.engine.zero_optimization_stage(),  # the engine's own, not the recipe re-read
             "precision": self.cfg.train.precision,
             "config": to_dict(self.cfg),
             "params": specs,
