@@ -3,7 +3,7 @@
 The names below load on first use (PEP 562), so that ``megadeep.parallel.layout`` — plain arithmetic the
 launcher uses before any rank starts — does not import torch.
 """
-import importlib
+from megadeep.lazy import lazy_exports
 
 _EXPORTS = {
     "copy_to_tensor_parallel_region": "comm",
@@ -23,8 +23,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"megadeep.parallel.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'megadeep.parallel' has no attribute '{name}'")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
