@@ -1,11 +1,14 @@
-"""Hugging Face Llama ↔ megadeep checkpoints.
+"""Hugging Face Llama / Mistral / Qwen2 ↔ megadeep checkpoints.
 
-The mapping is one table. Our attention already uses HF's rotate-half RoPE layout, so q/k need no
+Each family is one entry of ``FAMILIES`` (its architecture, whether q/k/v have biases, and the
+config.json keys of its own with the values megadeep can compute exactly); RoPE variants are read from
+and written to both config.json layouts (``rope_from_hf``/``rope_to_hf``). A key outside these tables is
+refused, naming it: an import is exact or it does not happen. The tensor mapping is one table. Our attention already uses HF's rotate-half RoPE layout, so q/k need no
 permutation; the fused ``wqkv`` is ``[q; k; v]`` and ``w13`` is ``[gate; up]`` of the full tensors
 (their TP blocks are handled by the checkpoint's sharding, not here); a tied head is
-HF's ``tie_word_embeddings`` (no ``lm_head.weight`` stored). Export writes ``config.json`` in
-transformers 5 form (``rope_parameters``, ``dtype``) and one ``model.safetensors``; import reads
-only safetensors (a ``pytorch_model.bin`` is a pickle and is refused).
+HF's ``tie_word_embeddings`` (no ``lm_head.weight`` stored). Export writes ``config.json`` for the
+family and RoPE layout the model came from (``model.family``, ``model.hf_rope_layout``) and one
+``model.safetensors``; import reads only safetensors (a ``pytorch_model.bin`` is a pickle and is refused).
 """
 from __future__ import annotations
 
@@ -17,9 +20,9 @@ import torch
 
 from megadeep.checkpoint.convert import canonical_specs, open_source, write_checkpoint
 from megadeep.checkpoint.tensors import TensorReader
-from megadeep.config.load import to_dict
-from megadeep.config.schema import ModelConfig, RunConfig
-from megadeep.errors import CheckpointError
+from megadeep.config.load import to_dict, typed
+from megadeep.config.schema import HF_FAMILIES, ModelConfig, RopeScaling, RunConfig
+from megadeep.errors import CheckpointError, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Per-layer names: ours → HF (after ``layers.N.`` / ``model.layers.N.``).
@@ -33,71 +36,190 @@ LAYER_NAMES = {
 FUSED = {
     "attention.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
     "feed_forward.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "attention.wqkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),  # qwen2
 }
 TOP_NAMES = {"tok_embeddings.embedding.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "output.proj.weight": "lm_head.weight"}
 
 
+# --- config.json ↔ ModelConfig, per family ---------------------------------------------------------
+# Keys every family shares that megadeep models (read into ModelConfig, written back on export).
+MODELLED = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+            "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings", "attention_dropout",
+            "initializer_range"}
+# Keys that do not change what the model computes (bookkeeping, generation defaults, token ids).
+INERT = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "bos_token_id",
+         "eos_token_id", "pad_token_id", "use_cache", "_name_or_path", "pretraining_tp"}
+# Each family's own keys: the value each must have for megadeep's model to compute what transformers
+# does (a callable: a check returning the problem or None). Anything else in a config.json is refused.
+
+
+def _no_bias(c: dict, v) -> str | None:
+    return f"{v} (megadeep's Llama and Mistral layers have no such biases)" if v else None
+
+
+def _window(c: dict, v) -> str | None:
+    if v is None or v >= c.get("max_position_embeddings", 0):
+        return None
+    return (f"{v} is shorter than max_position_embeddings={c.get('max_position_embeddings')}: megadeep's "
+            "attention has no sliding window, so it would attend further back than this model was trained to")
+
+
+def _qwen_window(c: dict, v) -> str | None:
+    return _window(c, c.get("sliding_window")) if v else None
+
+
+def _full_attention(c: dict, v) -> str | None:
+    return None if all(t == "full_attention" for t in v or ()) else f"{v} (only full_attention layers are modelled)"
+
+
+FAMILIES = {
+    "llama": {"architecture": "LlamaForCausalLM", "qkv_bias": False,
+              "keys": {"attention_bias": _no_bias, "mlp_bias": _no_bias}},
+    "mistral": {"architecture": "MistralForCausalLM", "qkv_bias": False,
+                "keys": {"sliding_window": _window}},
+    "qwen2": {"architecture": "Qwen2ForCausalLM", "qkv_bias": True,
+              "keys": {"sliding_window": lambda c, v: None, "use_sliding_window": _qwen_window,
+                       "max_window_layers": lambda c, v: None, "layer_types": _full_attention}},
+}
+assert set(FAMILIES) == set(HF_FAMILIES)
+# RoPE parameters each rope_type has (besides rope_type/type and rope_theta), as RopeScaling fields.
+ROPE_KEYS = {
+    "default": (), "linear": ("factor",), "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+             "mscale_all_dim", "truncate"),
+}
+
+
+def _refuse(key: str, why: str) -> ConfigError:
+    return ConfigError(f"config.json: {key}: {why}; megadeep cannot import this model exactly, so it refuses it")
+
+
+def rope_from_hf(c: dict) -> tuple[float, RopeScaling, str]:
+    """(rope_theta, scaling, layout) from either config.json layout: transformers ≥ 5's
+    ``rope_parameters``, or the older top-level ``rope_theta`` plus ``rope_scaling`` (``type`` or ``rope_type``)."""
+    layout = "rope_parameters" if "rope_parameters" in c else "rope_scaling"
+    params = dict(c.get(layout) or {})
+    if not isinstance(params, dict):
+        raise _refuse(layout, f"{params!r} is not a mapping")
+    theta = params.pop("rope_theta", c.get("rope_theta", 10000.0))
+    names = {params.pop(k) for k in ("rope_type", "type") if k in params}
+    if len(names) > 1:
+        raise _refuse(f"{layout}.rope_type", f"rope_type and type disagree ({sorted(names)})")
+    kind = names.pop() if names else "default"
+    if kind not in ROPE_KEYS:
+        raise _refuse(f"{layout}.rope_type", f"'{kind}' is not a RoPE variant megadeep models "
+                                             f"({', '.join(ROPE_KEYS)})")
+    for key in params:
+        if key not in ROPE_KEYS[kind]:
+            raise _refuse(f"{layout}.{key}", f"not a parameter megadeep models for rope_type '{kind}'")
+    values = {k: v for k, v in params.items() if v is not None}
+    if kind == "yarn" and "factor" not in values and values.get("original_max_position_embeddings"):
+        values["factor"] = c["max_position_embeddings"] / values["original_max_position_embeddings"]
+    try:
+        scaling = typed(RopeScaling, {"type": kind, **values}, "rope_scaling")
+    except ConfigError as e:
+        raise _refuse(layout, str(e)) from None
+    return float(theta), scaling, layout
+
+
+def rope_to_hf(m: ModelConfig) -> dict:
+    """The RoPE keys of an exported config.json, in the layout the model was imported from."""
+    s = m.rope_scaling
+    params = {k: getattr(s, k) for k in ROPE_KEYS[s.type] if getattr(s, k)}  # 0: unset (derived by transformers)
+    if s.type == "yarn":
+        params["truncate"] = s.truncate
+    if m.hf_rope_layout == "rope_parameters":
+        return {"rope_parameters": {"rope_type": s.type, "rope_theta": m.rope_theta, **params}}
+    return {"rope_theta": m.rope_theta, "rope_scaling": None if s.type == "default" else {"rope_type": s.type, **params}}
+
+
 def hf_config(m: ModelConfig, dtype: str) -> dict:
     if m.deepnorm:
         raise CheckpointError("a model.deepnorm=true model (post-norm with α-scaled residuals) is not a Llama; "
-                              "it cannot be exported to LlamaForCausalLM")
+                              "it cannot be exported to a Hugging Face model")
+    if m.qkv_bias != FAMILIES[m.family]["qkv_bias"]:
+        raise CheckpointError(f"model.qkv_bias={m.qkv_bias} does not match model.family={m.family}, whose q/k/v "
+                              f"biases are {'always' if FAMILIES[m.family]['qkv_bias'] else 'never'} there")
+    family = {
+        "llama": {"attention_bias": False, "mlp_bias": False},
+        "mistral": {"sliding_window": m.sliding_window or None},
+        "qwen2": {"sliding_window": m.sliding_window or None, "use_sliding_window": False,
+                  "max_window_layers": m.n_layers},
+    }[m.family]
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [FAMILIES[m.family]["architecture"]], "model_type": m.family,
         "vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": m.hidden_ffn,
         "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads,
         "head_dim": m.head_dim, "hidden_act": "silu", "max_position_embeddings": m.max_seq_len,
-        "rms_norm_eps": m.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-        "tie_word_embeddings": m.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "rms_norm_eps": m.norm_eps, **rope_to_hf(m), "tie_word_embeddings": m.tie_embeddings, **family,
         "attention_dropout": m.attention_dropout, "initializer_range": m.init_std, "dtype": dtype,
         "use_cache": True,
     }
 
 
 def model_config_from_hf(c: dict) -> ModelConfig:
-    if c.get("model_type") != "llama":
-        raise CheckpointError(f"config.json has model_type {c.get('model_type')!r}; only llama is supported")
-    rope = c.get("rope_parameters") or {"rope_type": "default", "rope_theta": c.get("rope_theta", 10000.0)}
-    if rope.get("rope_type", "default") != "default":
-        raise CheckpointError(f"rope_type {rope.get('rope_type')!r} is not supported (only default RoPE)")
-    if c.get("attention_bias") or c.get("mlp_bias"):
-        raise CheckpointError("attention/MLP biases are not supported")
+    """The ModelConfig of a config.json; every key is either modelled, known not to matter, or refused."""
+    family = c.get("model_type")
+    if family not in FAMILIES:
+        raise _refuse("model_type", f"'{family}' is not one of the families megadeep imports ({', '.join(FAMILIES)})")
+    checks = FAMILIES[family]["keys"]
+    for key, value in c.items():
+        if key in checks:
+            problem = checks[key](c, value)
+            if problem:
+                raise _refuse(key, problem)
+        elif key not in MODELLED | INERT:
+            raise _refuse(key, "not a setting megadeep models")
     if c.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"hidden_act {c.get('hidden_act')!r} is not supported (only silu)")
+        raise _refuse("hidden_act", f"'{c.get('hidden_act')}' (only silu is modelled)")
     heads = c["num_attention_heads"]
-    if c.get("head_dim", c["hidden_size"] // heads) * heads != c["hidden_size"]:
-        raise CheckpointError("head_dim × num_attention_heads must equal hidden_size")
+    if c.get("head_dim") not in (None, c["hidden_size"] // heads) or c["hidden_size"] % heads:
+        raise _refuse("head_dim", f"{c.get('head_dim')} × num_attention_heads={heads} must equal "
+                                  f"hidden_size={c['hidden_size']}")
+    theta, scaling, layout = rope_from_hf(c)
     return ModelConfig(
         vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=heads,
-        n_kv_heads=c.get("num_key_value_heads", heads), ffn_dim=c["intermediate_size"],
+        n_kv_heads=c.get("num_key_value_heads") or heads, ffn_dim=c["intermediate_size"],
         max_seq_len=c.get("max_position_embeddings", 2048), norm_eps=c.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta", 10000.0)), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        init_std=c.get("initializer_range", 0.02), attention_dropout=c.get("attention_dropout", 0.0),
-        residual_scaling=False,
+        rope_theta=theta, rope_scaling=scaling, qkv_bias=FAMILIES[family]["qkv_bias"],
+        sliding_window=c.get("sliding_window") or 0, family=family, hf_rope_layout=layout,
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)), init_std=c.get("initializer_range", 0.02),
+        attention_dropout=c.get("attention_dropout", 0.0), residual_scaling=False,
     )
 
 
+# --- tensors --------------------------------------------------------------------------------------
 def to_hf(name: str, t: torch.Tensor, blocks) -> dict[str, torch.Tensor]:
     """HF tensors of our canonical ``name``; ``blocks``: the sizes of a fused weight's parts."""
+    keys = hf_names(name)
+    return dict(zip(keys, t.split(list(blocks)) if len(keys) > 1 else (t,), strict=True))
+
+
+def hf_names(name: str) -> tuple[str, ...]:
+    """The HF tensors our canonical ``name`` is made of (several, in order, for a fused weight)."""
     if name in TOP_NAMES:
-        return {TOP_NAMES[name]: t}
+        return (TOP_NAMES[name],)
     _, layer, rest = name.split(".", 2)
     prefix = f"model.layers.{layer}."
-    if rest in FUSED:
-        return {prefix + k: part for k, part in zip(FUSED[rest], t.split(list(blocks)), strict=True)}
-    return {prefix + LAYER_NAMES[rest]: t}
+    return tuple(prefix + k for k in (FUSED[rest] if rest in FUSED else (LAYER_NAMES[rest],)))
 
 
 def from_hf(name: str, hf: dict[str, torch.Tensor]) -> torch.Tensor:
     """Our canonical tensor ``name`` from an HF state dict."""
-    if name in TOP_NAMES:
-        return _need(hf, TOP_NAMES[name])
-    _, layer, rest = name.split(".", 2)
-    prefix = f"model.layers.{layer}."
-    if rest in FUSED:
-        return torch.cat([_need(hf, prefix + k) for k in FUSED[rest]])
-    return _need(hf, prefix + LAYER_NAMES[rest])
+    return torch.cat([_need(hf, k) for k in hf_names(name)])
 
+
+def _check_all_used(hf: dict, specs: dict, tied: bool) -> None:
+    """Every HF tensor must land somewhere: one left over (a bias, an extra norm) is computation
+    megadeep would silently drop."""
+    used = {k for name in specs for k in hf_names(name)} | ({"lm_head.weight"} if tied else set())
+    extra = sorted(k for k in hf if k not in used and not k.endswith("rotary_emb.inv_freq"))  # a cache, not a weight
+    if extra:
+        raise CheckpointError(f"the Hugging Face weights hold '{extra[0]}' ({len(extra)} unused tensor(s)), which "
+                              "megadeep's model has no place for; refusing rather than dropping it")
 
 
 def _need(hf: dict, key: str) -> torch.Tensor:
@@ -154,7 +276,7 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def import_hf(folder: Path, dst_root: Path, tp: int = 1) -> Path:
-    """Write a weights-only megadeep checkpoint (step 0) for TP=``tp`` from an HF Llama folder.
+    """Write a weights-only megadeep checkpoint (step 0) for TP=``tp`` from an HF model folder.
     Train from it with ``checkpoint.resume=<the step_00000000 dir>`` (fresh optimizer, step 0)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -170,6 +292,7 @@ def import_hf(folder: Path, dst_root: Path, tp: int = 1) -> Path:
             "zero_stage": None, "precision": "fp32", "config": to_dict(cfg), "optimizer": None, "rng": False,
             "source": f"huggingface:{folder}"}
     specs = canonical_specs(m)
+    _check_all_used(hf, specs, m.tie_embeddings)
     return write_checkpoint(Path(dst_root), meta, specs, lambda kind, name: from_hf(name, hf).float(),
                             ("model",), tp, m.padded_vocab(tp))
 

@@ -9,6 +9,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+HF_FAMILIES = ("llama", "mistral", "qwen2")  # Hugging Face architectures import/export speaks (checkpoint.hf)
+HF_ROPE_LAYOUTS = ("rope_parameters", "rope_scaling")
+
+
+@dataclass
+class RopeScaling:
+    """RoPE frequency scaling (Hugging Face's ``rope_type`` and its parameters): how a model stretches
+    its positions past the context it was pre-trained on. The math is in ``megadeep.model.rope``."""
+
+    type: str = "default"  # default | linear | llama3 | yarn | dynamic
+    factor: float = 1.0  # how many times longer than original_max_position_embeddings
+    original_max_position_embeddings: int = 0  # llama3, yarn: the pre-training context; 0: model.max_seq_len
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original/low_freq_factor are divided by factor
+    high_freq_factor: float = 4.0  # llama3: below original/high_freq_factor they are kept; smooth between
+    beta_fast: float = 32.0  # yarn: the ramp between extrapolated and interpolated frequencies
+    beta_slow: float = 1.0
+    attention_factor: float = 0.0  # yarn: scale of cos/sin; 0: from factor (and mscale, mscale_all_dim)
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    truncate: bool = True  # yarn: round the ramp's bounds to whole dimensions
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 0  # 0: from the data (256 for data.source=bytes, the tokenizer's size for tokens)
@@ -21,6 +43,11 @@ class ModelConfig:
     max_seq_len: int = 256
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    sliding_window: int = 0  # an imported model's attention window; only ≥ max_seq_len (never binding) is allowed
+    family: str = "llama"  # the Hugging Face architecture exported to: llama | mistral | qwen2
+    hf_rope_layout: str = "rope_parameters"  # export's config.json: rope_parameters (transformers ≥ 5) | rope_scaling
     tie_embeddings: bool = True
     init_std: float = 0.02
     residual_scaling: bool = True  # output projections start at init_std/√(2L)

@@ -129,6 +129,29 @@ def _check_model(cfg: RunConfig) -> None:
         not (m.deepnorm and m.residual_scaling),
         "model.deepnorm and model.residual_scaling are two different deep-model inits; set one of them to false",
     )
+    _check_rope_and_family(m)
+
+
+def _check_rope_and_family(m) -> None:
+    from megadeep.config.schema import HF_FAMILIES, HF_ROPE_LAYOUTS
+    from megadeep.model.rope import TYPES
+
+    r = m.rope_scaling
+    _require(r.type in TYPES, f"model.rope_scaling.type must be one of {', '.join(TYPES)}, got '{r.type}'")
+    _require(r.factor >= 1.0, f"model.rope_scaling.factor must be ≥ 1, got {r.factor}")
+    _require(r.original_max_position_embeddings >= 0,
+             f"model.rope_scaling.original_max_position_embeddings must be ≥ 0 (0: model.max_seq_len), "
+             f"got {r.original_max_position_embeddings}")
+    _require(r.type != "llama3" or 0 < r.low_freq_factor < r.high_freq_factor,
+             "model.rope_scaling: llama3 needs 0 < low_freq_factor < high_freq_factor")
+    _require(r.type != "yarn" or (r.beta_fast > 0 and r.beta_slow > 0),
+             "model.rope_scaling: yarn needs beta_fast and beta_slow > 0")
+    _require(m.family in HF_FAMILIES, f"model.family must be one of {', '.join(HF_FAMILIES)}, got '{m.family}'")
+    _require(m.hf_rope_layout in HF_ROPE_LAYOUTS,
+             f"model.hf_rope_layout must be one of {', '.join(HF_ROPE_LAYOUTS)}, got '{m.hf_rope_layout}'")
+    _require(m.sliding_window == 0 or m.sliding_window >= m.max_seq_len,
+             f"model.sliding_window={m.sliding_window} is shorter than model.max_seq_len={m.max_seq_len}: "
+             "megadeep's attention has no sliding window; set model.max_seq_len ≤ the window")
 
 
 def check_model_alone(cfg: RunConfig) -> None:

@@ -31,10 +31,11 @@ from megadeep.config.schema import ModelConfig
 
 def layer_param_numels(m: ModelConfig, tp: int = 1) -> list[int]:
     """Sizes of one decoder layer's parameters on one TP rank: wqkv (q|k|v fused), wo, w13 (gate|up),
-    w2 and the two norm weights (replicated, not split). ZeRO-3's persistence threshold applies to
-    these tensors as they are, so the fused ones must not be counted as parts."""
+    w2 and the two norm weights (replicated, not split), and wqkv's bias if the model has one. ZeRO-3's
+    persistence threshold applies to these tensors as they are, so the fused ones must not be counted as parts."""
     d, q, kv, f = m.dim, m.n_heads * m.head_dim, m.kv_heads * m.head_dim, m.hidden_ffn
-    return [d * (q + 2 * kv) // tp, q * d // tp, 2 * f * d // tp, f * d // tp, d, d]
+    bias = [(q + 2 * kv) // tp] if m.qkv_bias else []
+    return [d * (q + 2 * kv) // tp, q * d // tp, 2 * f * d // tp, f * d // tp, d, d, *bias]
 
 
 def embedding_numel(m: ModelConfig, tp: int = 1) -> int:

@@ -12,6 +12,7 @@ Parameter names are the canonical ones used by initialisation and checkpoints: `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megadeep import ops
-from megadeep.config.schema import ModelConfig
+from megadeep.config.schema import ModelConfig, RopeScaling
+from megadeep.model.rope import inv_freq_and_scale
 from megadeep.parallel import comm, groups
 from megadeep.parallel.cross_entropy import mean_loss, vocab_parallel_cross_entropy
 from megadeep.parallel.layers import (
@@ -54,26 +56,31 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, w, self.eps, self.fused)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for the rotate-half RoPE layout (the one Hugging Face Llama uses), in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+def rope_tables(seq_len: int, head_dim: int, theta: float, device, scaling: RopeScaling | None = None,
+                max_seq_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for the rotate-half RoPE layout (the one Hugging Face Llama uses), in fp32, with the
+    frequencies of ``scaling`` (``megadeep.model.rope``; ``max_seq_len``: the model's context)."""
+    inv_freq, scale = inv_freq_and_scale(head_dim, theta, scaling or RopeScaling(), max_seq_len or seq_len,
+                                         seq_len, device)
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 _ROPE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def cached_rope_tables(seq_len: int, max_seq_len: int, head_dim: int, theta: float, device, dtype):
-    """``rope_tables`` for the first ``seq_len`` positions, computed once per (shape, device, dtype)
-    for ``max_seq_len`` positions and sliced: every layer of every step reads the same tables
+def cached_rope_tables(seq_len: int, max_seq_len: int, head_dim: int, theta: float, device, dtype,
+                       scaling: RopeScaling | None = None):
+    """``rope_tables`` for the first ``seq_len`` positions, computed once per (shape, scaling, device,
+    dtype) for ``max_seq_len`` positions and sliced: every layer of every step reads the same tables
     (rebuilding them in each layer was 3-5% of a CPU step). The table's length is part of the key,
     so its values never depend on what ran before in the process."""
     n = max(seq_len, max_seq_len)
-    key = (n, head_dim, theta, torch.device(device), dtype)
+    scaling = scaling or RopeScaling()
+    key = (n, head_dim, theta, dataclasses.astuple(scaling), torch.device(device), dtype)
     if key not in _ROPE:
-        _ROPE[key] = tuple(t.to(dtype) for t in rope_tables(n, head_dim, theta, device))
+        _ROPE[key] = tuple(t.to(dtype) for t in rope_tables(n, head_dim, theta, device, scaling, max_seq_len))
     cos, sin = _ROPE[key]
     return cos[:seq_len], sin[:seq_len]
 
@@ -88,13 +95,13 @@ class Attention(nn.Module):
         super().__init__()
         tp = groups.get_tensor_model_parallel_world_size()
         self.head_dim, self.theta, self.dropout = cfg.head_dim, cfg.rope_theta, cfg.attention_dropout
-        self.max_seq_len = cfg.max_seq_len
+        self.max_seq_len, self.rope_scaling = cfg.max_seq_len, cfg.rope_scaling
         self.n_heads, self.n_kv_heads = cfg.n_heads // tp, cfg.kv_heads // tp
         hd, sp = cfg.head_dim, sequence_parallel
         q, kv = cfg.n_heads * hd, cfg.kv_heads * hd
         # One matmul for q, k and v: one input all-reduce (or all-gather) instead of three.
         self.wqkv = ColumnParallelLinear(
-            cfg.dim, q + 2 * kv, blocks=(q, kv, kv), sequence_parallel=sp,
+            cfg.dim, q + 2 * kv, bias=cfg.qkv_bias, blocks=(q, kv, kv), sequence_parallel=sp,
             init=blocks_fill([(q, normal_fill(std)), (kv, normal_fill(std)), (kv, normal_fill(v_std))]),
         )
         self.wo = RowParallelLinear(q, cfg.dim, sequence_parallel=sp, init=normal_fill(out_std))
@@ -105,7 +112,8 @@ class Attention(nn.Module):
         q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cached_rope_tables(s, self.max_seq_len, self.head_dim, self.theta, q.device, q.dtype)
+        cos, sin = cached_rope_tables(s, self.max_seq_len, self.head_dim, self.theta, q.device, q.dtype,
+                                      self.rope_scaling)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.dropout if self.training else 0.0
         with get_rng_tracker().fork() if p else contextlib.nullcontext():  # heads differ per TP rank
