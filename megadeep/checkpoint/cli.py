@@ -56,8 +56,8 @@ def cmd_reshard(args: argparse.Namespace) -> int:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     _source(args.src, "src")
-    if args.tokenizer and not Path(args.tokenizer).is_file():
-        raise ConfigError(f"--tokenizer '{args.tokenizer}' is not a file")
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        raise ConfigError(f"--tokenizer '{args.tokenizer}' does not exist")
     _destination(args.out, "out")
     from megadeep.checkpoint.hf import export_hf
 
@@ -92,14 +92,14 @@ def add_ckpt(sub) -> None:
     c.add_argument("--pp", type=int, default=1)
     c.set_defaults(func=cmd_reshard)
 
-    c = cmds.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM folder")
+    c = cmds.add_parser("export-hf", help="write a Hugging Face folder (Llama, Mistral or Qwen2, as the model came)")
     c.add_argument("src", help=src_help)
     c.add_argument("out", help="output folder (config.json, model.safetensors)")
     c.add_argument("--dtype", default="float32", choices=DTYPES)
-    c.add_argument("--tokenizer", default=None, help="SentencePiece model to include (default: the run's data.tokenizer)")
+    c.add_argument("--tokenizer", default=None, help="tokenizer to include: a SentencePiece model or a Hugging Face tokenizer folder (default: the run's data.tokenizer)")
     c.set_defaults(func=cmd_export_hf)
 
-    c = cmds.add_parser("import-hf", help="make a weights-only checkpoint from a Hugging Face Llama folder")
+    c = cmds.add_parser("import-hf", help="make a weights-only checkpoint (and train.yaml) from a Hugging Face Llama/Mistral/Qwen2 folder")
     c.add_argument("folder", help="folder with config.json and model.safetensors")
     c.add_argument("dst", help="checkpoint dir to write step_00000000 into")
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel size to cut the files for (any layout loads it)")

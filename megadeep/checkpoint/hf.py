@@ -22,7 +22,7 @@ from megadeep.checkpoint.convert import canonical_specs, open_source, write_chec
 from megadeep.checkpoint.tensors import TensorReader
 from megadeep.config.load import to_dict, typed
 from megadeep.config.schema import HF_FAMILIES, ModelConfig, RopeScaling, RunConfig
-from megadeep.errors import CheckpointError, ConfigError
+from megadeep.errors import CheckpointError, ConfigError, DataError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Per-layer names: ours → HF (after ``layers.N.`` / ``model.layers.N.``).
@@ -247,9 +247,16 @@ def export_hf(src: Path, out: Path, dtype: str = "float32", tokenizer: str | Non
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok = tokenizer or ckpt.meta["config"].get("data", {}).get("tokenizer") or ""
-    if tok and Path(tok).is_file():  # a SentencePiece model: HF's LlamaTokenizer reads it
-        shutil.copy(tok, out / "tokenizer.model")
-        (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}) + "\n")
+    if tok and Path(tok).exists():
+        from megadeep.data.tokenizer import HFTokenizer, open_tokenizer
+
+        opened = open_tokenizer(tok)
+        if isinstance(opened, HFTokenizer):  # the model's own tokenizer.json (+ tokenizer_config.json), as is
+            for f in opened.files():
+                shutil.copy(f, out / f.name)
+        else:  # a SentencePiece model: HF's LlamaTokenizer reads it
+            shutil.copy(opened.path, out / "tokenizer.model")
+            (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}) + "\n")
     return out
 
 
@@ -285,14 +292,54 @@ def import_hf(folder: Path, dst_root: Path, tp: int = 1) -> Path:
     if tp < 1 or m.n_heads % tp or m.kv_heads % tp or m.hidden_ffn % tp:
         raise CheckpointError(f"tp={tp} does not divide the heads ({m.n_heads}), kv-heads ({m.kv_heads}) "
                               f"and FFN width ({m.hidden_ffn})")
+    tok = model_tokenizer(folder, m)
     hf = read_hf_weights(folder)
     cfg = RunConfig(model=m)
     cfg.parallel.tp = tp
+    if tok is not None:
+        cfg.data.source, cfg.data.tokenizer = "tokens", str(folder.resolve())
     meta = {"step": 0, "consumed_samples": 0, "layout": {"tp": tp, "pp": 1, "dp": 1},
             "zero_stage": None, "precision": "fp32", "config": to_dict(cfg), "optimizer": None, "rng": False,
-            "source": f"huggingface:{folder}"}
+            "source": f"huggingface:{folder}", "tokenizer": tok.identity() if tok is not None else None}
     specs = canonical_specs(m)
     _check_all_used(hf, specs, m.tie_embeddings)
-    return write_checkpoint(Path(dst_root), meta, specs, lambda kind, name: from_hf(name, hf).float(),
+    step = write_checkpoint(Path(dst_root), meta, specs, lambda kind, name: from_hf(name, hf).float(),
                             ("model",), tp, m.padded_vocab(tp))
+    write_train_config(Path(dst_root) / TRAIN_CONFIG, cfg, step)
+    return step
+
+
+TRAIN_CONFIG = "train.yaml"
+
+
+def write_train_config(path: Path, cfg: RunConfig, step: Path) -> None:
+    """The run config that continues training the imported model: its model section (family, RoPE,
+    biases: every fact the weights need), its tokenizer and ``checkpoint.resume``. ``megadeep train``
+    takes it with the data, layout and schedule as overrides."""
+    import yaml
+
+    tree = {"model": to_dict(cfg.model), "checkpoint": {"resume": str(step.resolve())}}
+    if cfg.data.tokenizer:
+        tree["data"] = {"source": "tokens", "tokenizer": cfg.data.tokenizer}
+    header = (f"# written by `megadeep ckpt import-hf`: continue training with\n"
+              f"#   megadeep train {path} data.paths=[<dataset preprocessed with --tokenizer "
+              f"{cfg.data.tokenizer or '<its tokenizer>'}>] checkpoint.dir=<new run dir> ...\n")
+    path.write_text(header + yaml.safe_dump(tree, sort_keys=False))
+
+
+def model_tokenizer(folder: Path, m: ModelConfig):
+    """The tokenizer a Hugging Face folder ships (``tokenizer.json``, else ``tokenizer.model``), or None;
+    refused if it has more pieces than the model has embedding rows."""
+    from megadeep.data.tokenizer import open_tokenizer
+
+    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
+        return None
+    try:
+        tok = open_tokenizer(folder)
+    except DataError as e:
+        raise CheckpointError(f"{folder}: its tokenizer cannot be read ({e})") from None
+    if tok.vocab_size > m.vocab_size:
+        raise CheckpointError(f"{folder}: the tokenizer has {tok.vocab_size} pieces but the model only "
+                              f"vocab_size={m.vocab_size} embedding rows")
+    return tok
 

@@ -95,7 +95,8 @@ def add_data(sub) -> None:
     pre = data.add_parser("preprocess", help="clean, deduplicate, scrub and tokenise text into token shards")
     pre.add_argument("inputs", nargs="+", help="text files (one document each), .jsonl[.gz|.zst] or .parquet files, "
                      "directories or globs")
-    pre.add_argument("--tokenizer", required=True, help="a tokenizer directory (or its tokenizer.model)")
+    pre.add_argument("--tokenizer", required=True, help="a SentencePiece tokenizer directory (or its tokenizer.model), or a Hugging Face "
+                     "tokenizer folder (or its tokenizer.json)")
     pre.add_argument("--out", required=True, help="output directory: shards + manifest.json")
     pre.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
     pre.add_argument("--tasks", type=int, default=None, help="tasks over the input files (default: one per file)")

@@ -24,7 +24,7 @@ def build_split(cfg: RunConfig) -> Split:
     d = cfg.data
     if d.source == "tokens":
         s = token_split(d, cfg.train.seq_len, cfg.train.seed)
-        if cfg.model.vocab_size != s.vocab_size:
+        if cfg.model.vocab_size < s.vocab_size:  # larger: spare embedding rows, allowed by prepare_data
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the data's tokenizer has {s.vocab_size} "
                               "pieces; resolve the config with megadeep.data.prepare.prepare_data first")
         return Split(s.train, s.val)

@@ -102,9 +102,40 @@ def prepare_data(cfg: RunConfig, build: bool = True, log: Callable[[str], None] 
             log(f"megadeep: preparing data.corpus={d.corpus} in {cache} (once; later runs reuse it)")
             build_corpus(d, cache, log)
         out.data.paths = [str(cache)]
-    vocab = check_manifests(out.data)[0].tokenizer["vocab_size"]
-    if cfg.model.vocab_size not in (0, vocab):
+    made_with = check_manifests(out.data)[0].tokenizer
+    vocab = made_with["vocab_size"]
+    pinned = check_model_tokenizer(cfg, made_with) or bool(d.tokenizer)
+    # A model whose tokenizer is pinned may have more embedding rows than the tokenizer has pieces
+    # (Qwen2.5: 151,936 rows, 151,665 tokens); otherwise the two must agree.
+    if cfg.model.vocab_size not in (0, vocab) and not (pinned and cfg.model.vocab_size > vocab):
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the data's tokenizer has {vocab} pieces; "
                           "set model.vocab_size=0 to take it from the tokenizer")
-    out.model.vocab_size = vocab
+    out.model.vocab_size = cfg.model.vocab_size or vocab
     return out
+
+
+def check_model_tokenizer(cfg: RunConfig, made_with: dict) -> bool:
+    """A model imported from Hugging Face records its tokenizer (``meta.json``: ``tokenizer``); data
+    made with another tokenizer (identity or vocabulary) is refused before any rank starts. True when
+    ``checkpoint.resume`` names such a model and the data matches it."""
+    from megadeep.checkpoint import store
+
+    resume = Path(cfg.checkpoint.resume)
+    if cfg.checkpoint.resume in ("auto", "none") or not resume.is_dir():
+        return False
+    path = resume if store.is_checkpoint(resume) else (store.latest(resume) or next(iter(store.candidates(resume)), None))
+    if path is None:
+        return False
+    try:
+        recorded = store.Checkpoint.open(path).meta.get("tokenizer")
+    except store.CheckpointError:
+        return False  # the resume itself reports a damaged checkpoint
+    if not recorded:
+        return False
+    if made_with["sha256"] != recorded["sha256"] or made_with["vocab_size"] != recorded["vocab_size"]:
+        raise DataError(f"checkpoint.resume={cfg.checkpoint.resume} holds a model imported with tokenizer "
+                        f"sha256 {recorded['sha256'][:12]}… ({recorded['vocab_size']} pieces), but data.paths was "
+                        f"made with sha256 {made_with['sha256'][:12]}… ({made_with['vocab_size']} pieces); "
+                        "preprocess the data with the model's tokenizer (`megadeep data preprocess --tokenizer "
+                        "<the Hugging Face folder>`)")
+    return True

@@ -23,7 +23,7 @@ from megadeep.data.dedup import MAX_PERM, DedupSettings
 from megadeep.data.pii import scrub
 from megadeep.data.reader import FORMATS, InputReader, check_columns, expand_inputs
 from megadeep.data.shards import MANIFEST
-from megadeep.data.tokenizer import Tokenizer, sha256_file
+from megadeep.data.tokenizer import open_tokenizer, sha256_file
 from megadeep.errors import DataError
 
 STAGES = ("read", "normalize", "quality", "pii", "dedup_signature", "dedup_index", "tokenize", "write")
@@ -127,7 +127,8 @@ def _prepare_out_dir(out: Path, fingerprint: dict, overwrite: bool) -> None:
         if overwrite:
             shutil.rmtree(work.root, ignore_errors=True)
             for p in out.iterdir():
-                if p.name.startswith("shard_") or p.name in (MANIFEST, "tokenizer.model", "tokenizer.json"):
+                if p.name.startswith("shard_") or p.name in (MANIFEST, "tokenizer.model", "tokenizer.json",
+                                                             "tokenizer_config.json"):
                     p.unlink()
         elif not resumable:
             why = " (it holds a finished dataset)" if (out / MANIFEST).exists() else (
@@ -189,7 +190,7 @@ def preprocess(inputs: list[str], out_dir: str | Path, tokenizer: str | Path, s:
     if s.tasks > len(paths):
         raise DataError(f"tasks={s.tasks} but there are only {len(paths)} input files; a task reads whole files")
     check_columns(paths, s.format, s.json_field)
-    tok = Tokenizer(tokenizer)  # refuses a missing or corrupt model in one line, before any work
+    tok = open_tokenizer(tokenizer)  # refuses a missing or corrupt model in one line, before any work
     out = Path(out_dir).resolve()
     fingerprint = {"inputs": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths],
                    "tokenizer": sha256_file(tok.path), "settings": s.result_settings()}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from megadeep.config.schema import DataConfig
-from megadeep.data.tokenizer import Tokenizer, sha256_file
+from megadeep.data.tokenizer import open_tokenizer, sha256_file
 from megadeep.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -133,7 +133,7 @@ def check_manifests(d: DataConfig) -> list[Manifest]:
             raise DataError(f"{m.path} and {first.path} were made with different tokenizers; "
                             "preprocess every dataset of a blend with the same one")
     if d.tokenizer:
-        if Tokenizer(d.tokenizer).identity()["sha256"] != first.tokenizer["sha256"]:
+        if open_tokenizer(d.tokenizer).identity()["sha256"] != first.tokenizer["sha256"]:
             raise DataError(f"data.tokenizer={d.tokenizer} is not the tokenizer {first.path} was made with; "
                             "unset data.tokenizer or preprocess the data with it")
     return manifests

@@ -34,7 +34,7 @@ from megadeep.data import dedup
 from megadeep.data.cleaning import normalize, quality_failure
 from megadeep.data.pii import scrub
 from megadeep.data.shards import ShardWriter, token_dtype, write_manifest
-from megadeep.data.tokenizer import MODEL_FILE, Tokenizer
+from megadeep.data.tokenizer import open_tokenizer
 
 
 class Work:
@@ -250,7 +250,7 @@ class TokenShards(PipelineStep):
         self.work, self.tokenizer, self.s = work, tokenizer, settings
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1):
-        tok = Tokenizer(self.tokenizer)
+        tok = open_tokenizer(self.tokenizer)
         out = self.work.shards / f"{rank:05d}"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
@@ -318,14 +318,13 @@ class Manifest(PipelineStep):
                 if (src / f"{s['name']}{suffix}").is_file():  # already moved by an earlier, killed attempt
                     os.replace(src / f"{s['name']}{suffix}", self.work.out / f"{name}{suffix}")
             listed.append({**s, "name": name})
-        shutil.copyfile(self.tokenizer, self.work.out / MODEL_FILE)
-        info = Path(self.tokenizer).parent / "tokenizer.json"
-        if info.is_file():
-            shutil.copyfile(info, self.work.out / "tokenizer.json")
-        tok = Tokenizer(self.work.out / MODEL_FILE)
+        files = open_tokenizer(self.tokenizer).files()
+        for f in files:
+            shutil.copyfile(f, self.work.out / f.name)
+        tok = open_tokenizer(self.work.out / files[0].name)
         stats.update(dropped=dict(sorted(dropped.items())), pii_replaced=dict(sorted(pii.items())),
                      stage_seconds={k: round(v, 4) for k, v in sorted(seconds.items())})
-        manifest = {"tokenizer": {"file": MODEL_FILE, **tok.identity()}, "dtype": token_dtype(tok.vocab_size).name,
+        manifest = {"tokenizer": {"file": files[0].name, **tok.identity()}, "dtype": token_dtype(tok.vocab_size).name,
                     "documents": stats["documents_kept"], "tokens": stats["tokens"], "shards": listed,
                     "stats": stats, **self.header}
         write_manifest(self.work.out, manifest)

@@ -1,8 +1,11 @@
-"""SentencePiece tokenizer: training on a sample of a corpus, loading, and its identity.
+"""Tokenizers: SentencePiece (training on a sample of a corpus, loading) and Hugging Face
+``tokenizer.json`` folders (loading, through the ``tokenizers`` library), and their identity.
 
-A trained tokenizer is a directory holding ``tokenizer.model`` and ``tokenizer.json`` (the settings
-it was trained with, its vocabulary size, special ids and the model's sha256). Datasets record that
-identity, so a model is never trained on tokens of another tokenizer than the one it was built for.
+A megadeep-trained tokenizer is a directory holding ``tokenizer.model`` and ``tokenizer.json`` (the
+settings it was trained with, its vocabulary size, special ids and the model's sha256). A Hugging Face
+model folder holds its own ``tokenizer.json`` (and ``tokenizer_config.json`` naming bos/eos), which
+:func:`open_tokenizer` prefers. Datasets record the identity, so a model is never trained on tokens of
+another tokenizer than the one it was built for.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from megadeep.data.pii import PLACEHOLDERS
 from megadeep.errors import DataError
 
 MODEL_FILE, INFO_FILE = "tokenizer.model", "tokenizer.json"
+HF_FILE, HF_CONFIG = "tokenizer.json", "tokenizer_config.json"  # a Hugging Face folder's (same name as INFO_FILE)
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 MODEL_TYPES = ("bpe", "unigram")
 
@@ -135,3 +139,86 @@ class Tokenizer:
     def identity(self) -> dict:
         return {"sha256": sha256_file(self.path), "vocab_size": self.vocab_size, "eos_id": self.eos_id,
                 "bos_id": self.sp.bos_id(), "pad_id": self.sp.pad_id(), "unk_id": self.sp.unk_id()}
+
+    def files(self) -> list[Path]:
+        """What a dataset copies next to its shards (the model first: the manifest names it)."""
+        info = self.path.parent / INFO_FILE
+        return [self.path] + ([info] if info.is_file() else [])
+
+
+def _special(config: dict, key: str) -> str | None:
+    value = config.get(key)
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json``. Documents are encoded whole with the tokenizer's own special
+    tokens (its post-processor adds bos where the model expects one, e.g. Llama 3); packing then ends
+    each document with eos, which ``tokenizer_config.json`` names (or ``eos_token`` of the folder's
+    config.json). Unlike SentencePiece without a dummy prefix, byte-level BPE merges across newlines
+    ("\n\n" is one token), so documents are not cut at line ends."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as Rust
+
+        path = Path(path)
+        self.path = path / HF_FILE if path.is_dir() else path
+        try:
+            self.tok = Rust.from_file(str(self.path))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
+            raise DataError(f"tokenizer '{self.path}' is not a Hugging Face tokenizer.json "
+                            f"({str(e).splitlines()[0][:120]})") from None
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        config_file = self.path.parent / HF_CONFIG
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        ids = {k: self.tok.token_to_id(t) for k in ("bos", "eos", "pad", "unk")
+               if (t := _special(config, f"{k}_token")) is not None}
+        model_config = self.path.parent / "config.json"
+        if "eos" not in ids and model_config.is_file():
+            eos = json.loads(model_config.read_text()).get("eos_token_id")
+            ids["eos"] = eos[0] if isinstance(eos, list) else eos
+        if ids.get("eos") is None:
+            raise DataError(f"tokenizer '{self.path}': no eos token (tokenizer_config.json eos_token or config.json "
+                            "eos_token_id); packing needs one to end each document")
+        self.eos_id, self.ids = int(ids["eos"]), ids
+
+    def encode(self, text: str) -> np.ndarray:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text with the tokenizer's own special tokens, less a trailing eos (packing adds it)."""
+        out = []
+        for enc in self.tok.encode_batch(texts, add_special_tokens=True):
+            ids = enc.ids[:-1] if enc.ids and enc.ids[-1] == self.eos_id else enc.ids
+            out.append(np.asarray(ids, dtype=np.uint32))
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def identity(self) -> dict:
+        return {"sha256": sha256_file(self.path), "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                **{f"{k}_id": v for k, v in self.ids.items() if k != "eos"}, "kind": "huggingface"}
+
+    def files(self) -> list[Path]:
+        config = self.path.parent / HF_CONFIG
+        return [self.path] + ([config] if config.is_file() else [])
+
+
+def _is_hf_json(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return b'"model"' in head or b'"added_tokens"' in head or b'"truncation"' in head  # megadeep's info has none
+
+
+def open_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
+    """The tokenizer ``path`` names: a Hugging Face ``tokenizer.json`` (or a folder holding one), else a
+    SentencePiece model (or a folder holding ``tokenizer.model``)."""
+    path = Path(path)
+    candidate = path / HF_FILE if path.is_dir() else path
+    if candidate.suffix == ".json" and candidate.is_file() and _is_hf_json(candidate):
+        return HFTokenizer(candidate)
+    return Tokenizer(path)
