@@ -97,23 +97,8 @@ def tokens(seed: int = 0, batch: int = 2, seq: int = SEQ) -> torch.Tensor:
     return torch.randint(0, SHAPE["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def make_bpe_tokenizer(folder: Path, files: list[str], vocab_size: int = 512) -> Path:
-    """A Llama-3-style byte-level BPE (``tokenizers``) trained on ``files``: its post-processor puts
-    <|begin_of_text|> before each text, tokenizer_config.json names bos and eos."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train(files, trainer)
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                       special_tokens=[(bos, tok.token_to_id(bos))])
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos}))
-    return folder
+def make_bpe_tokenizer(folder: Path, files: list[str], vocab_size: int = 512) -> Path:
+    from megadeep.data.tokenizer import train_hf_bpe
+
+    return train_hf_bpe((Path(f).read_text(encoding="utf-8") for f in files), folder, vocab_size)

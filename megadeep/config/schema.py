@@ -13,10 +13,11 @@ HF_FAMILIES = ("llama", "mistral", "qwen2")  # Hugging Face architectures import
 HF_ROPE_LAYOUTS = ("rope_parameters", "rope_scaling")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling (Hugging Face's ``rope_type`` and its parameters): how a model stretches
-    its positions past the context it was pre-trained on. The math is in ``megadeep.model.rope``."""
+    its positions past the context it was pre-trained on. The math is in ``megadeep.model.rope``.
+    Frozen: it is part of the key of the cached RoPE tables."""
 
     type: str = "default"  # default | linear | llama3 | yarn | dynamic
     factor: float = 1.0  # how many times longer than original_max_position_embeddings

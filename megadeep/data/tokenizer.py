@@ -205,6 +205,30 @@ class HFTokenizer:
         return [self.path] + ([config] if config.is_file() else [])
 
 
+def train_hf_bpe(texts: Iterable[str], out_dir: str | Path, vocab_size: int) -> Path:
+    """A Llama-3-style byte-level BPE trained with ``tokenizers`` on ``texts``, saved as a Hugging Face
+    folder: its post-processor puts <|begin_of_text|> before each text, tokenizer_config.json names bos
+    and eos. (Published models ship their own; this makes one where none can be downloaded: tests, benchmarks.)"""
+    from tokenizers import Tokenizer as Rust
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    tok = Rust(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / HF_FILE))
+    (out / HF_CONFIG).write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos,
+                                             "eos_token": eos}) + "\n")
+    return out
+
+
 def _is_hf_json(path: Path) -> bool:
     try:
         with open(path, "rb") as f:

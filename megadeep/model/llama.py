@@ -12,7 +12,6 @@ Parameter names are the canonical ones used by initialisation and checkpoints: `
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import math
 
@@ -78,7 +77,7 @@ def cached_rope_tables(seq_len: int, max_seq_len: int, head_dim: int, theta: flo
     so its values never depend on what ran before in the process."""
     n = max(seq_len, max_seq_len)
     scaling = scaling or RopeScaling()
-    key = (n, head_dim, theta, dataclasses.astuple(scaling), torch.device(device), dtype)
+    key = (n, head_dim, theta, scaling, torch.device(device), dtype)
     if key not in _ROPE:
         _ROPE[key] = tuple(t.to(dtype) for t in rope_tables(n, head_dim, theta, device, scaling, max_seq_len))
     cos, sin = _ROPE[key]
