@@ -82,6 +82,7 @@ def test_import_preprocess_train_export_matches_transformers(imported):
     megadeep("ckpt", "export-hf", root / "run", root / "exported", cwd=root)
     exported = json.loads((root / "exported" / "config.json").read_text())
     assert exported["rope_parameters"]["rope_type"] == "llama3" and (root / "exported" / "tokenizer.json").is_file()
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (0, 1)  # from the tokenizer
 
     batch = held_out_batch(hf, held_out)
     ours, theirs = megadeep_loss(final, batch), transformers_loss(root / "exported", batch)

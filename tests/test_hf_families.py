@@ -137,3 +137,56 @@ def test_unused_hf_tensor_is_refused(cases, tmp_path):
     save_file(weights, folder / "model.safetensors")
     with pytest.raises(CheckpointError, match="o_proj.bias"):
         import_hf(folder, tmp_path / "ckpt")
+
+
+ROPE_CASES = {
+    "linear": {"factor": 4.0},
+    "dynamic": {"factor": 2.0},
+    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn": {"factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 16.0, "beta_slow": 2.0},
+    "yarn-mscale": {"factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0.707, "mscale_all_dim": 1.0},
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+@pytest.mark.parametrize("seq_len", [48, 100])  # 100 > max_position_embeddings: dynamic NTK rescales
+def test_rope_frequencies_match_transformers(case, seq_len):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megadeep.checkpoint.hf import rope_from_hf
+    from megadeep.model.rope import inv_freq_and_scale
+
+    kind = case.split("-")[0]
+    params = {"rope_type": kind, "rope_theta": 10000.0, **ROPE_CASES[case]}
+    hf_cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64, rope_parameters=params)
+    theirs, their_scale = ROPE_INIT_FUNCTIONS[kind](hf_cfg, "cpu", seq_len=seq_len)
+    theta, scaling, _ = rope_from_hf({"max_position_embeddings": 64, "rope_parameters": params})
+    ours, our_scale = inv_freq_and_scale(16, theta, scaling, 64, seq_len, "cpu")
+    assert rel_err(ours, theirs) < 1e-6 and abs(our_scale - their_scale) < 1e-6
+    assert rel_err(ours, inv_freq_and_scale(16, theta, RopeScaling(), 64, seq_len, "cpu")[0]) > 1e-3 or (
+        kind == "dynamic" and seq_len <= 64)  # plain RoPE within the context, by definition
+
+
+def test_bad_rope_settings_in_a_run_config_are_refused():
+    from megadeep.config import load_config, resolve
+    from megadeep.errors import ConfigError
+
+    for override, match in [("model.rope_scaling.type=longrope", "model.rope_scaling.type"),
+                            ("model.rope_scaling.factor=0.5", "model.rope_scaling.factor"),
+                            ("model.rope_scaling.scale=2", "unknown config key 'model.rope_scaling.scale'"),
+                            ("model.family=gemma", "model.family"),
+                            ("model.sliding_window=16", "model.sliding_window")]:
+        with pytest.raises(ConfigError, match=match):
+            resolve(load_config(None, [override, "model.vocab_size=256", "data.source=bytes"]), 1, require_data=False)
+    cfg = resolve(load_config(None, ["model.rope_scaling.type=llama3", "model.rope_scaling.factor=8",
+                                     "model.rope_scaling.original_max_position_embeddings=64"]), 1, require_data=False)
+    assert cfg.model.rope_scaling == RopeScaling(type="llama3", factor=8.0, original_max_position_embeddings=64)
+
+
+def test_qkv_bias_is_counted_once():
+    from megadeep.config.schema import ModelConfig
+    from megadeep.model.accounting import num_params
+
+    m = ModelConfig(vocab_size=100, dim=64, n_heads=4, n_kv_heads=2, qkv_bias=True, tie_embeddings=False)
+    assert num_params(m) == sum(p.numel() for p in Transformer(m).parameters()) - (m.padded_vocab(1) - 100) * 64 * 2

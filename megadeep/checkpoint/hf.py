@@ -229,7 +229,8 @@ def _need(hf: dict, key: str) -> torch.Tensor:
 
 
 def export_hf(src: Path, out: Path, dtype: str = "float32", tokenizer: str | None = None) -> Path:
-    """Write a folder ``LlamaForCausalLM.from_pretrained`` loads, from a checkpoint of any layout."""
+    """Write a folder ``AutoModelForCausalLM.from_pretrained`` loads (the model's family), from a checkpoint
+    of any layout, with its tokenizer (``tokenizer``, else the run's ``data.tokenizer``) if there is one."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
@@ -245,7 +246,6 @@ def export_hf(src: Path, out: Path, dtype: str = "float32", tokenizer: str | Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok = tokenizer or ckpt.meta["config"].get("data", {}).get("tokenizer") or ""
     if tok and Path(tok).exists():
         from megadeep.data.tokenizer import HFTokenizer, open_tokenizer
@@ -257,6 +257,9 @@ def export_hf(src: Path, out: Path, dtype: str = "float32", tokenizer: str | Non
         else:  # a SentencePiece model: HF's LlamaTokenizer reads it
             shutil.copy(opened.path, out / "tokenizer.model")
             (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}) + "\n")
+        ids = opened.identity()  # generation stops at the tokenizer's eos
+        config.update({f"{k}_token_id": v for k in ("bos", "eos") if isinstance(v := ids.get(f"{k}_id"), int) and v >= 0})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
