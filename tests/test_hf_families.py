@@ -85,7 +85,7 @@ REFUSED = {
         "num_experts": 8, "attn_logit_softcapping": 50.0,
     },
     "mistral": {"sliding_window": 16},
-    "qwen2": {"use_sliding_window": True, "layer_types": ["sliding_attention", "full_attention"]},
+    "qwen2": {"use_sliding_window": True, "layer_types": ["sliding_attention", "full_attention"], "use_mrope": True},
 }
 
 
@@ -190,3 +190,17 @@ def test_qkv_bias_is_counted_once():
 
     m = ModelConfig(vocab_size=100, dim=64, n_heads=4, n_kv_heads=2, qkv_bias=True, tie_embeddings=False)
     assert num_params(m) == sum(p.numel() for p in Transformer(m).parameters()) - (m.padded_vocab(1) - 100) * 64 * 2
+
+
+def test_biases_and_scaled_rope_train_like_single_process(tmp_path):
+    """q/k/v biases (sharded with their heads) and YaRN RoPE under TP=2 + SP and TP=2 × DP=2 (ZeRO-1) and
+    a pipeline: per-step loss and grad norm equal the single-process run's."""
+    from tests.helpers import run_parity, write_text
+
+    text = write_text(tmp_path / "text.txt")
+    ref = run_parity(tmp_path / "ref.json", text, ["zero=1,warmup=5,qwen"])["zero=1,warmup=5,qwen"]
+    specs = ["tp=2,zero=1,sp,warmup=5,qwen", "tp=2,zero=1,warmup=5,qwen", "pp=2,zero=1,warmup=5,qwen"]
+    results = run_parity(tmp_path / "out.json", text, specs, 4)
+    for spec, r in results.items():
+        assert rel_err(r["loss"], ref["loss"]) < 1e-5 and rel_err(r["grad_norm"], ref["grad_norm"]) < 1e-5, spec
+    assert ref["loss"][-1] < ref["loss"][0] - 0.5

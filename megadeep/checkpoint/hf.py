@@ -3,8 +3,10 @@
 Each family is one entry of ``FAMILIES`` (its architecture, whether q/k/v have biases, and the
 config.json keys of its own with the values megadeep can compute exactly); RoPE variants are read from
 and written to both config.json layouts (``rope_from_hf``/``rope_to_hf``). A key outside these tables is
-refused, naming it: an import is exact or it does not happen. The tensor mapping is one table. Our attention already uses HF's rotate-half RoPE layout, so q/k need no
-permutation; the fused ``wqkv`` is ``[q; k; v]`` and ``w13`` is ``[gate; up]`` of the full tensors
+refused, naming it: an import is exact or it does not happen.
+
+The tensor mapping is one table. Our attention already uses HF's rotate-half RoPE layout, so q/k need
+no permutation; the fused ``wqkv`` is ``[q; k; v]`` and ``w13`` is ``[gate; up]`` of the full tensors
 (their TP blocks are handled by the checkpoint's sharding, not here); a tied head is
 HF's ``tie_word_embeddings`` (no ``lm_head.weight`` stored). Export writes ``config.json`` for the
 family and RoPE layout the model came from (``model.family``, ``model.hf_rope_layout``) and one
@@ -51,8 +53,6 @@ MODELLED = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
 # Keys that do not change what the model computes (bookkeeping, generation defaults, token ids).
 INERT = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "bos_token_id",
          "eos_token_id", "pad_token_id", "use_cache", "_name_or_path", "pretraining_tp"}
-# Each family's own keys: the value each must have for megadeep's model to compute what transformers
-# does (a callable: a check returning the problem or None). Anything else in a config.json is refused.
 
 
 def _no_bias(c: dict, v) -> str | None:
@@ -74,6 +74,8 @@ def _full_attention(c: dict, v) -> str | None:
     return None if all(t == "full_attention" for t in v or ()) else f"{v} (only full_attention layers are modelled)"
 
 
+# Each family's own keys: the value each must have for megadeep's model to compute what transformers
+# does (a callable: a check returning the problem or None). Anything else in a config.json is refused.
 FAMILIES = {
     "llama": {"architecture": "LlamaForCausalLM", "qkv_bias": False,
               "keys": {"attention_bias": _no_bias, "mlp_bias": _no_bias}},
@@ -81,7 +83,8 @@ FAMILIES = {
                 "keys": {"sliding_window": _window}},
     "qwen2": {"architecture": "Qwen2ForCausalLM", "qkv_bias": True,
               "keys": {"sliding_window": lambda c, v: None, "use_sliding_window": _qwen_window,
-                       "max_window_layers": lambda c, v: None, "layer_types": _full_attention}},
+                       "max_window_layers": lambda c, v: None, "layer_types": _full_attention,
+                       "use_mrope": lambda c, v: "multimodal RoPE is not modelled" if v else None}},
 }
 assert set(FAMILIES) == set(HF_FAMILIES)
 # RoPE parameters each rope_type has (besides rope_type/type and rope_theta), as RopeScaling fields.

@@ -33,7 +33,7 @@ from megadeep.parallel import groups
 log = logging.getLogger("megadeep.checkpoint")
 
 # Model settings a checkpoint's tensors depend on: a run that differs in one of these cannot load it.
-ARCHITECTURE = ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "hidden_ffn", "tie_embeddings")
+ARCHITECTURE = ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "hidden_ffn", "tie_embeddings", "qkv_bias")
 
 
 @dataclass

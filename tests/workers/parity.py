@@ -1,7 +1,7 @@
 """Train several layouts in one launch (same seed, same data) and record per-step loss and grad norm.
 
 argv: OUT.json TEXT_FILE SPEC [SPEC ...],
-SPEC = "tp=2,zero=1[,pp=2][,sp][,untied][,ckpt][,layers=4][,warmup=5][,uniform|blocks][,pckpt=K][,drop][,resume=K][,fused=on|off]"
+SPEC = "tp=2,zero=1[,pp=2][,sp][,untied][,ckpt][,layers=4][,warmup=5][,uniform|blocks][,pckpt=K][,drop][,resume=K][,fused=on|off][,qwen]"
 (DP is what is left; pckpt: pipeline activation checkpointing every K layers; drop: dropout 0.1).
 ``resume=K`` saves a DeepSpeed checkpoint after K steps and trains the rest in a fresh engine loaded
 from it. Pipeline layouts also record how far the tied embedding's stage copies drifted apart.
@@ -41,6 +41,8 @@ SPEC_ITEMS = {
     "blocks": ["parallel.partition_method=type:Block"],
     "pckpt": ["parallel.pipeline_checkpoint_interval={}"],
     "drop": ["model.dropout=0.1", "model.attention_dropout=0.1"],
+    "qwen": ["model.qkv_bias=true", "model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
+             "model.rope_scaling.original_max_position_embeddings=8"],  # q/k/v biases + scaled RoPE
     "resume": [],  # not a config key: see train_layout
 }
 
