@@ -28,7 +28,7 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 # source). torch comes first and from the right index (CPU or CUDA wheel): see scripts/setup.sh.
 INSTALL_REQUIRES = [
     "torch", "deepspeed>=0.19.8,<0.20", "numpy", "pyyaml", "safetensors", "sentencepiece", "rich",
-    "tensorboard", "matplotlib", "pyarrow",
+    "tensorboard", "matplotlib", "pyarrow", "tokenizers>=0.20",  # Hugging Face tokenizer.json (encode_batch_fast)
     # data preparation: datatrove's executors, its JSON-lines I/O (orjson) and logger (loguru, which
     # megadeep quiets), .jsonl.zst inputs (zstandard, opened through datatrove's fsspec)
     "datatrove>=0.10.1,<0.11", "orjson", "loguru", "zstandard",

@@ -188,7 +188,7 @@ class HFTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids of each text with the tokenizer's own special tokens, less a trailing eos (packing adds it)."""
         out = []
-        for enc in self.tok.encode_batch(texts, add_special_tokens=True):
+        for enc in self.tok.encode_batch_fast(texts, add_special_tokens=True):  # no offsets: ~15% faster
             ids = enc.ids[:-1] if enc.ids and enc.ids[-1] == self.eos_id else enc.ids
             out.append(np.asarray(ids, dtype=np.uint32))
         return out
