@@ -23,7 +23,7 @@ import torch
 from megadeep.checkpoint.convert import canonical_specs, open_source, write_checkpoint
 from megadeep.checkpoint.tensors import TensorReader
 from megadeep.config.load import to_dict, typed
-from megadeep.config.schema import HF_FAMILIES, ModelConfig, RopeScaling, RunConfig
+from megadeep.config.schema import HF_FAMILIES, ROPE_TYPES, ModelConfig, RopeScaling, RunConfig
 from megadeep.errors import CheckpointError, ConfigError, DataError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,6 +94,7 @@ ROPE_KEYS = {
     "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
              "mscale_all_dim", "truncate"),
 }
+assert set(ROPE_KEYS) == set(ROPE_TYPES)
 
 
 def _refuse(key: str, why: str) -> ConfigError:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 HF_FAMILIES = ("llama", "mistral", "qwen2")  # Hugging Face architectures import/export speaks (checkpoint.hf)
 HF_ROPE_LAYOUTS = ("rope_parameters", "rope_scaling")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")  # megadeep.model.rope
 
 
 @dataclass(frozen=True)

@@ -133,11 +133,10 @@ def _check_model(cfg: RunConfig) -> None:
 
 
 def _check_rope_and_family(m) -> None:
-    from megadeep.config.schema import HF_FAMILIES, HF_ROPE_LAYOUTS
-    from megadeep.model.rope import TYPES
+    from megadeep.config.schema import HF_FAMILIES, HF_ROPE_LAYOUTS, ROPE_TYPES
 
     r = m.rope_scaling
-    _require(r.type in TYPES, f"model.rope_scaling.type must be one of {', '.join(TYPES)}, got '{r.type}'")
+    _require(r.type in ROPE_TYPES, f"model.rope_scaling.type must be one of {', '.join(ROPE_TYPES)}, got '{r.type}'")
     _require(r.factor >= 1.0, f"model.rope_scaling.factor must be ≥ 1, got {r.factor}")
     _require(r.original_max_position_embeddings >= 0,
              f"model.rope_scaling.original_max_position_embeddings must be ≥ 0 (0: model.max_seq_len), "

@@ -17,9 +17,7 @@ import math
 
 import torch
 
-from megadeep.config.schema import RopeScaling
-
-TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+from megadeep.config.schema import ROPE_TYPES, RopeScaling
 
 
 def _plain(head_dim: int, theta: float, device) -> torch.Tensor:
@@ -78,4 +76,4 @@ def inv_freq_and_scale(head_dim: int, theta: float, s: RopeScaling, max_seq_len:
         return _llama3(_plain(head_dim, theta, device), s, original), 1.0
     if s.type == "yarn":
         return _yarn(head_dim, theta, s, original, device)
-    raise ValueError(f"model.rope_scaling.type={s.type!r} is not one of {', '.join(TYPES)}")
+    raise ValueError(f"model.rope_scaling.type={s.type!r} is not one of {', '.join(ROPE_TYPES)}")
