@@ -132,6 +132,23 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (newest usable in dir) | none | a checkpoint directory (any layout)
 
 
+LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # attention q|k|v and output, FFN gate|up and down
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0: off; else every target layer gets a rank-r adapter and the base is frozen
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank (PEFT's lora_alpha)
+    dropout: float = 0.0  # on the adapter's input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class FinetuneConfig:
+    base: str = ""  # a checkpoint (any layout) whose model weights start the run; empty: fresh initialisation
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -143,3 +160,4 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

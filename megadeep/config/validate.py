@@ -15,7 +15,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from megadeep.config.deepspeed import PRECISIONS, load_recipe, offload_devices, zero_stage
-from megadeep.config.schema import ADAM_CHOICES, RunConfig
+from megadeep.config.schema import ADAM_CHOICES, LORA_TARGETS, RunConfig
 from megadeep.errors import ConfigError
 from megadeep.pipeline.partition import check_method
 
@@ -299,6 +299,21 @@ def check_data(cfg: RunConfig, files: bool = True) -> None:
              "specials and the alphabet; use ≥ 320")
 
 
+def _check_finetune(cfg: RunConfig) -> None:
+    f, lora = cfg.finetune, cfg.finetune.lora
+    _require(not f.base or Path(f.base).is_dir(), f"finetune.base '{f.base}' is not a directory (give a checkpoint)")
+    _require(lora.rank >= 0, f"finetune.lora.rank must be ≥ 0, got {lora.rank}")
+    if not lora.rank:
+        return
+    _require(lora.alpha > 0, f"finetune.lora.alpha must be > 0, got {lora.alpha}")
+    _require(0 <= lora.dropout < 1, f"finetune.lora.dropout must be in [0, 1), got {lora.dropout}")
+    bad = [t for t in lora.targets if t not in LORA_TARGETS]
+    _require(bool(lora.targets) and not bad and len(set(lora.targets)) == len(lora.targets),
+             f"finetune.lora.targets must be distinct names among {', '.join(LORA_TARGETS)}, got {lora.targets}")
+    _require(cfg.parallel.pp == 1, "finetune.lora needs parallel.pp=1 (adapters are not placed on pipeline stages)")
+    _require(not cfg.parallel.sequence_parallel, "finetune.lora needs parallel.sequence_parallel=false")
+
+
 def resolve(cfg: RunConfig, world_size: int, require_data: bool = True) -> RunConfig:
     """Validate ``cfg`` for ``world_size`` processes and return a copy with DP and accumulation filled in.
     ``require_data=False`` (the planner, a dry run: layouts, not a run) lets a config name no data, or
@@ -315,6 +330,7 @@ def resolve(cfg: RunConfig, world_size: int, require_data: bool = True) -> RunCo
         check_data(cfg, files=require_data)
     _check_checkpoint(cfg)
     _check_log(cfg)
+    _check_finetune(cfg)
     out = copy.deepcopy(cfg)
     if cfg.data.source == "bytes" and not cfg.model.vocab_size:
         out.model.vocab_size = BYTE_VOCAB
