@@ -103,6 +103,7 @@ class DeepSpeedConfig:
 @dataclass
 class DataConfig:
     source: str = "bytes"  # bytes: raw UTF-8 bytes of text files | tokens: preprocessed shards
+    format: str = "text"  # text | chat: JSON lines of {"messages": [...]} for SFT (megadeep.finetune.chat; bytes)
     paths: list[str] = field(default_factory=list)  # text files (bytes) or dataset manifests/dirs (tokens)
     weights: list[float] = field(default_factory=list)  # tokens: blend weights, one per path; empty: by size
     corpus: str = ""  # a bundled corpus name (e.g. shakespeare) used when paths is empty
