@@ -104,3 +104,69 @@ def test_eval_equals_trainer_validation_loss_at_any_layout(trained):
         print(args, result["loss"], val)
         assert abs(result["loss"] - val) <= 1e-6 * val, (args, result, val)
         assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+
+
+def byte_level_tokenizer(folder):
+    """An HF tokenizer whose ids are UTF-8 bytes (GPT-2's byte→character table, no merges), so
+    lm-eval's HF model tokenises as megadeep's bytes runs do. EOS is byte 0, the harness's end of text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    chars = {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=chars[0], pad_token=chars[0]).save_pretrained(folder)
+
+
+def test_lm_eval_adapter_matches_lm_eval_hf_model(trained, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    import megadeep.inference.harness  # noqa: F401  registers "megadeep"
+    from megadeep.checkpoint.hf import export_hf
+
+    tmp, ck, _ = trained
+    hf_dir = export_hf(ck, tmp / "hf_lm_eval")
+    byte_level_tokenizer(hf_dir)
+    rng = __import__("random").Random(1)
+    words = "the of and to a in is it you that he was for on are with".split()
+    rows = []
+    for _ in range(16):  # the right answer is words, the others letter salad: a trained model mostly knows
+        choices = [" " + " ".join(rng.choice(words) for _ in range(2)) + "."]
+        choices += [" " + "".join(rng.choice("qxzjvkw") for _ in range(6)) + "." for _ in range(2)]
+        answer = rng.randrange(3)
+        choices[0], choices[answer] = choices[answer], choices[0]
+        rows.append({"question": " ".join(rng.choice(words) for _ in range(5)).capitalize(), "choices": choices,
+                     "answer": answer})
+    (tmp / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / "tasks").mkdir()
+    (tmp / "tasks" / "mc.yaml").write_text(
+        f"task: megadeep_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp / 'mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    tasks = TaskManager(include_path=str(tmp / "tasks"))
+    ours, theirs = (lm_eval.simple_evaluate(model=name, model_args=args, tasks=["megadeep_mc"], task_manager=tasks,
+                                            log_samples=True)
+                    for name, args in (("megadeep", f"checkpoint={ck}"),
+                                       ("hf", f"pretrained={hf_dir},dtype=float32,device=cpu")))
+    acc = ours["results"]["megadeep_mc"]["acc,none"]
+    assert acc == theirs["results"]["megadeep_mc"]["acc,none"] and acc >= 0.75, acc
+    a, b = ([r[0] for s in run["samples"]["megadeep_mc"] for r in s["resps"]] for run in (ours, theirs))
+    assert len(a) == 48 and [g for _, g in a] == [g for _, g in b]
+    assert max(abs(x - y) for (x, _), (y, _) in zip(a, b)) <= 1e-5 * max(abs(y) for y, _ in b)
+
+    # rolling log-likelihood (windows longer than the context) and generate_until, request by request
+    lms = [get_model("megadeep").create_from_arg_string(f"checkpoint={ck}"),
+           get_model("hf").create_from_arg_string(f"pretrained={hf_dir},dtype=float32,device=cpu")]
+    text = (tmp / "text.txt").read_text()[:150]
+    rolling = [lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)]) for lm in lms]
+    assert abs(rolling[0][0] - rolling[1][0]) <= 1e-5 * abs(rolling[1][0]), rolling
+    request = Instance("generate_until", {}, ("The of and", {"until": ["."], "max_gen_toks": 20, "do_sample": False}), 0)
+    generated = [lm.generate_until([request]) for lm in lms]
+    assert generated[0] == generated[1] and generated[0][0], generated
