@@ -88,9 +88,10 @@ def test_generate_refuses_bad_input_in_one_line(trained):
     cases = [(["--prompts", "bad.jsonl"], "bad.jsonl:2"),
              (["--prompt", "x" * 60, "--max-new-tokens", "10"], "exceeds the model's context of 64"),
              (["--prompt", "hi", "--top-p", "0"], "top_p"),
-             (["--prompt", "hi", "--prompts", "bad.jsonl"], "exactly one")]
+             (["--prompt", "hi", "--prompts", "bad.jsonl"], "exactly one"),
+             (["--prompt", "hi", "--max-new-tokens", "8", "--nproc", "3"], "does not divide")]
     for args, message in cases:
-        proc = megadeep("generate", str(ck), *args, "--nproc", "2", cwd=tmp, timeout=60)
+        proc = megadeep("generate", str(ck), *args, *([] if "--nproc" in args else ["--nproc", "2"]), cwd=tmp, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 

@@ -106,8 +106,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         check_writable_file(args.out, "--out")
     if not launched and (args.nproc or 1) > 1:
+        from megadeep.config.load import typed
+        from megadeep.config.schema import ModelConfig
         from megadeep.launch.local import run_ranks
 
+        m = typed(ModelConfig, meta["config"]["model"], "model")
+        if m.n_heads % args.nproc or m.kv_heads % args.nproc or m.hidden_ffn % args.nproc:
+            raise ConfigError(f"--nproc {args.nproc} (the tensor-parallel size) does not divide the model's heads "
+                              f"({m.n_heads}), kv-heads ({m.kv_heads}) and FFN width ({m.hidden_ffn})")
         return run_ranks(args.nproc, ["generate", *_rank_argv(args)])
     return _generate_rank(args, s, codec, texts, ids)
 
