@@ -13,7 +13,7 @@ from megadeep.checkpoint.tensors import TensorReader
 from megadeep.config.schema import ModelConfig
 from megadeep.finetune.chat import END, read_conversations
 from megadeep.model import Transformer
-from tests.helpers import ROOT, WORDS, WORKERS, read_json, rel_err, run_torchrun
+from tests.helpers import ROOT, WORDS, WORKERS, read_json, rel_err, run_torchrun, write_text
 from tests.test_checkpoint_hf import save
 
 PLANTED = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
@@ -78,3 +78,27 @@ def test_sft_tp2_dp2_equals_single_process(runs):
     # gradients grows to ~3e-4 of a weight in 10 steps (a wrong gradient would be O(1))
     assert weight_err <= 1e-3
     assert torch.isfinite(torch.tensor(ours["loss"])).all()
+
+
+def test_chat_with_a_sentencepiece_tokenizer(tmp_path):
+    from megadeep.config import load_config, resolve
+    from megadeep.data.loader import build_split
+    from megadeep.data.prepare import prepare_data
+    from megadeep.data.tokenizer import TokenizerSettings, Tokenizer, train_tokenizer
+    from megadeep.finetune.chat import render
+
+    text = write_text(tmp_path / "t.txt", 4000).read_text()
+    train_tokenizer([text, *(m["content"] for m in PLANTED)], tmp_path / "tok", TokenizerSettings(vocab_size=400))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join([json.dumps({"messages": PLANTED}), *conversations(20)]) + "\n")
+    cfg = load_config(None, ["data.format=chat", "data.source=tokens", f"data.tokenizer={tmp_path / 'tok'}",
+                             f"data.paths=[{chat}]", "train.seq_len=128", "model.max_seq_len=128"])
+    cfg = prepare_data(resolve(cfg, 1), log=lambda _: None)
+    assert cfg.model.vocab_size == 400
+    tokens, targets = build_split(cfg).train.batch([0])
+    tok = Tokenizer(tmp_path / "tok")
+    rendered = "".join(t for t, _ in render(PLANTED))
+    assert tokens[0][:len(tok.encode(rendered))].tolist() == tok.encode(rendered).tolist()  # segments = whole text
+    trained = targets[0][targets[0] != -100].tolist()
+    assert tok.decode(trained) == f"Hello!{END}See you{END}"
+    assert trained == tok.encode(f"Hello!{END}").tolist() + tok.encode(f"See you{END}").tolist()

@@ -274,8 +274,9 @@ def check_data(cfg: RunConfig, files: bool = True) -> None:
     d, vocab = cfg.data, cfg.model.vocab_size
     _require(d.source in ("bytes", "tokens"), f"data.source must be bytes or tokens, got '{d.source}'")
     _require(d.format in ("text", "chat"), f"data.format must be text or chat, got '{d.format}'")
-    _require(d.format == "text" or (d.source == "bytes" and d.paths and not d.tokenizer),
-             "data.format=chat reads JSON-lines files in data.paths as bytes: set data.source=bytes, no data.tokenizer")
+    _require(d.format == "text" or (bool(d.paths) and (d.source == "tokens") == bool(d.tokenizer)),
+             "data.format=chat reads JSON-lines files in data.paths, as bytes (data.source=bytes) or with "
+             "data.tokenizer (data.source=tokens)")
     _require(bool(d.paths or d.corpus),
              "no training data: set data.paths or data.corpus (e.g. data.corpus=shakespeare)")
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")

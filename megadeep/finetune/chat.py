@@ -9,7 +9,10 @@ is taken on the assistant turns only (their content and the end marker); every o
 
 Bad conversations are dropped and counted by reason, never truncated: ``malformed_json``,
 ``bad_messages`` (not a list of {role in system/user/assistant, content: str}), ``no_assistant``,
-``too_long`` (more tokens than ``train.seq_len + 1``). Tokens are bytes (``data.source=bytes``).
+``too_long`` (more tokens than ``train.seq_len + 1``). Tokens are bytes (``data.source=bytes``) or the
+pieces of ``data.tokenizer`` (``data.source=tokens``), encoded segment by segment: every segment
+boundary is after a newline or inside ``{content}<|end|>``, and SentencePiece pieces never cross a
+newline, so the rows are what encoding the whole rendered text gives.
 """
 from __future__ import annotations
 
@@ -41,13 +44,13 @@ def render(messages: list[dict]) -> list[tuple[str, bool]]:
     return out
 
 
-def encode(messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Byte tokens of a conversation and whether each token is an assistant token (in the loss)."""
+def encode(messages: list[dict], codec) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of a conversation and whether each token is an assistant token (in the loss)."""
     tokens, mask = [], []
     for text, trained in render(messages):
-        b = list(text.encode("utf-8"))
-        tokens += b
-        mask += [trained] * len(b)
+        ids = codec.encode(text)
+        tokens += ids
+        mask += [trained] * len(ids)
     return np.array(tokens, dtype=np.int64), np.array(mask, dtype=bool)
 
 
@@ -75,7 +78,22 @@ class Conversations:
         return rows[:, :-1], rows[:, 1:].masked_fill(~mask[:, 1:], IGNORE)
 
 
-def read_conversations(paths: list[str], seq_len: int) -> tuple[Conversations, Counter]:
+def codec_of(cfg: RunConfig):
+    """Bytes, or ``data.tokenizer``, whose size must be the model's vocabulary."""
+    from megadeep.inference.text import ByteCodec, PieceCodec
+
+    if not cfg.data.tokenizer:
+        return ByteCodec()
+    codec = PieceCodec(cfg.data.tokenizer)
+    if cfg.model.vocab_size != codec.vocab_size:
+        raise DataError(f"model.vocab_size={cfg.model.vocab_size} but data.tokenizer has {codec.vocab_size} pieces")
+    return codec
+
+
+def read_conversations(paths: list[str], seq_len: int, codec=None) -> tuple[Conversations, Counter]:
+    from megadeep.inference.text import ByteCodec
+
+    codec = codec or ByteCodec()
     width = seq_len + 1
     rows, masks, counts = [], [], Counter()
     for path in paths:
@@ -89,7 +107,7 @@ def read_conversations(paths: list[str], seq_len: int) -> tuple[Conversations, C
                 continue
             problem = _problem(row)
             if problem is None:
-                tokens, mask = encode(row["messages"])
+                tokens, mask = encode(row["messages"], codec)
                 problem = "too_long" if len(tokens) > width else None
             if problem:
                 counts[problem] += 1
@@ -107,7 +125,7 @@ def chat_split(cfg: RunConfig):
     conversations is held out."""
     from megadeep.data.loader import Split
 
-    data, counts = read_conversations(cfg.data.paths, cfg.train.seq_len)
+    data, counts = read_conversations(cfg.data.paths, cfg.train.seq_len, codec_of(cfg))
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "kept") or "none"
     log.warning(f"megadeep: chat data: {counts['kept']} conversations kept, dropped: {dropped}")
     n_val = int(len(data) * cfg.data.val_fraction)
