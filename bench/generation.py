@@ -9,8 +9,8 @@ from __future__ import annotations
 import statistics
 import sys
 
-SHAPE = dict(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408, max_seq_len=512,
-             prompts=(32, 64, 96, 128), new_tokens=128)
+SHAPE = dict(vocab_size=8192, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, max_seq_len=256,
+             prompts=(16, 32, 48, 64), new_tokens=64)
 QUICK = dict(vocab_size=2048, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=128,
              prompts=(8, 16, 24, 32), new_tokens=32)
 

@@ -85,10 +85,11 @@ def _block(blk: Block, x, cos, sin, mask, cache, layer):
 
 @torch.no_grad()
 def forward(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-            cache: KVCache | None = None) -> torch.Tensor:
+            cache: KVCache | None = None, last: bool = False) -> torch.Tensor:
     """Full-vocabulary logits ``[batch, new, vocab]`` of ``tokens`` (the ``new`` tokens after the cache's,
-    or the whole sequence without a cache). ``positions``: each token's RoPE position; ``valid``
-    ``[batch, cached + new]``: False at left padding, which no token attends to."""
+    or the whole sequence without a cache); ``last``: of the last position only (what decoding reads).
+    ``positions``: each token's RoPE position; ``valid`` ``[batch, cached + new]``: False at left padding,
+    which no token attends to."""
     if model.sequence_parallel:
         raise ConfigError("generation runs without sequence parallelism (load the model with it off)")
     cfg = model.cfg
@@ -107,7 +108,7 @@ def forward(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, v
         h = _block(blk, h, cos, sin, mask, cache, i)
     if cache is not None:
         cache.length += s
-    h = model.norm(h)
+    h = model.norm(h[:, -1:] if last else h)
     logits = tied_logits(model.tok_embeddings, h) if model.output is None else model.output(h)
     return comm.gather_from_tensor_parallel_region(logits)[..., : cfg.vocab_size]
 
@@ -172,7 +173,7 @@ def generate(model: Transformer, prompts: list[list[int]], s: Sampling, pad_id: 
     done = torch.zeros(b, dtype=torch.bool, device=device)
     out: list[torch.Tensor] = []
     start = time.perf_counter()
-    logits = forward(model, tokens, positions, valid, cache)[:, -1]
+    logits = forward(model, tokens, positions, valid, cache, last=True)[:, -1]
     prefill = time.perf_counter() - start
     counted = 0
     for step in range(s.max_new_tokens):
@@ -189,9 +190,9 @@ def generate(model: Transformer, prompts: list[list[int]], s: Sampling, pad_id: 
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
         if cache is not None:
-            logits = forward(model, nxt[:, None], positions[:, -1:], valid, cache)[:, -1]
+            logits = forward(model, nxt[:, None], positions[:, -1:], valid, cache, last=True)[:, -1]
         else:
-            logits = forward(model, tokens, positions, valid)[:, -1]
+            logits = forward(model, tokens, positions, valid, last=True)[:, -1]
     decode = time.perf_counter() - start - prefill
     new = torch.stack(out, dim=1).tolist()
     result = []
