@@ -99,9 +99,26 @@ def test_peft_export_and_merge_give_megadeep_logits(runs):
     ("finetune.lora.dropout=1.0", "dropout"),
     ("parallel.sequence_parallel=true", "sequence_parallel=false"),
     ("finetune.base=/nonexistent", "finetune.base"),
+    ("parallel.pp=2", "parallel.pp=1"),
 ])
 def test_lora_settings_are_checked(override, message, tmp_path):
     text = write_text(tmp_path / "t.txt", 2000)
     cfg = load_config(None, ["finetune.lora.rank=4", f"data.paths=[{text}]", "parallel.tp=2", override])
     with pytest.raises(ConfigError, match=message):
-        resolve(cfg, 2)
+        resolve(cfg, 4)
+
+
+def test_lora_run_resumes_from_its_adapter_checkpoint(runs, tmp_path):
+    """A LoRA checkpoint holds the adapters and their Adam state only; a run continues from it exactly."""
+    tmp, base, results = runs
+    first, second = tmp_path / "first", tmp_path / "second"
+    second.mkdir()
+    for out, extra in ((first / "r.json", "checkpoint.save_every=5"),  # the same 10 steps, saving step 5 too
+                       (second / "r.json", f"checkpoint.resume={first / 'tp1_zero0' / 'step_00000005'}")):
+        proc = subprocess.run([sys.executable, str(WORKERS / "lora.py"), str(out), str(tmp / "text.txt"), str(base),
+                               extra, SINGLE], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed, straight = read_json(second / "r.json")[SINGLE]["loss"], results[SINGLE]["loss"]
+    assert len(resumed) == 5 and resumed == straight[5:]
+    ours, ref = adapters(second, SINGLE), adapters(tmp, SINGLE)
+    assert all(torch.equal(ours[n], ref[n]) for n in ref)

@@ -306,6 +306,8 @@ def check_data(cfg: RunConfig, files: bool = True) -> None:
 def _check_finetune(cfg: RunConfig) -> None:
     f, lora = cfg.finetune, cfg.finetune.lora
     _require(not f.base or Path(f.base).is_dir(), f"finetune.base '{f.base}' is not a directory (give a checkpoint)")
+    _require(not f.base or cfg.parallel.pp == 1, "finetune.base loads into parallel.pp=1 runs (a pipeline run can "
+                                                 "start from a checkpoint with checkpoint.resume=<step dir>)")
     _require(lora.rank >= 0, f"finetune.lora.rank must be ≥ 0, got {lora.rank}")
     if not lora.rank:
         return

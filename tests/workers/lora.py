@@ -59,6 +59,7 @@ def optimizer_bytes(trainer: Trainer) -> int:
 
 def main():
     out, text, base_path, extra, *specs = sys.argv[1:]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     world = discover().world_size
     base = open_source(Path(base_path))
     results = {}
