@@ -105,6 +105,13 @@ def test_eval_equals_trainer_validation_loss_at_any_layout(trained):
         print(args, result["loss"], val)
         assert abs(result["loss"] - val) <= 1e-6 * val, (args, result, val)
         assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    # named datasets: the run's own text again (its held-out split: the same loss) and another text
+    other = write_text(tmp / "other.txt", 6000, seed=3)
+    proc = megadeep("eval", str(ck), "--data", str(tmp / "text.txt"), "--data", str(other), cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    same, different = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    assert same["data"] == str(tmp / "text.txt") and abs(same["loss"] - val) <= 1e-6 * val
+    assert different["data"] == str(other) and different["loss"] != same["loss"] and different["loss"] < 2.5
 
 
 def byte_level_tokenizer(folder):
