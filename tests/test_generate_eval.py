@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import ROOT, write_text
+from tests.helpers import ROOT, run_torchrun, write_text
 
 TINY = ["name=gen", "data.source=bytes", "model.vocab_size=256", "model.dim=64", "model.n_layers=2",
         "model.n_heads=8", "model.n_kv_heads=4", "model.ffn_dim=128", "model.max_seq_len=64", "train.seq_len=64",
@@ -168,6 +168,11 @@ def test_lm_eval_adapter_matches_lm_eval_hf_model(trained, monkeypatch):
     a, b = ([r[0] for s in run["samples"]["megadeep_mc"] for r in s["resps"]] for run in (ours, theirs))
     assert len(a) == 48 and [g for _, g in a] == [g for _, g in b]
     assert max(abs(x - y) for (x, _), (y, _) in zip(a, b)) <= 1e-5 * max(abs(y) for y, _ in b)
+    run_torchrun("harness.py", 2, str(tmp / "tp2.json"), str(ck), "megadeep_mc", str(tmp / "tasks"),
+                 env={"HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    tp2 = json.loads((tmp / "tp2.json").read_text())
+    assert tp2["tp"] == 2 and tp2["acc"] == acc and [g for _, g in tp2["resps"]] == [g for _, g in a]
+    assert max(abs(x - y) for (x, _), (y, _) in zip(tp2["resps"], a)) <= 1e-5 * max(abs(y) for y, _ in a)
 
     # rolling log-likelihood (windows longer than the context) and generate_until, request by request
     lms = [get_model("megadeep").create_from_arg_string(f"checkpoint={ck}"),

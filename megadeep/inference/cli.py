@@ -64,7 +64,7 @@ def _launched(args) -> bool:
     return launched
 
 
-def _start_rank():
+def start_rank():
     """torch.distributed (or a single process) and this rank's device."""
     from megadeep.launch.env import bind_device, discover, init_distributed
 
@@ -135,7 +135,7 @@ def _generate_rank(args, s, codec, texts: list[str], ids: list[list[int]]) -> in
     from megadeep.parallel import groups
     from megadeep.parallel.layout import Layout
 
-    device = _start_rank()
+    device = start_rank()
     groups.initialize(Layout(tp=dist.get_world_size()))
     try:
         model, _ = load_model(args.checkpoint, device)
@@ -222,7 +222,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from megadeep.parallel import groups
     from megadeep.parallel.layout import Layout
 
-    device = _start_rank()
+    device = start_rank()
     configs = [(name, resolve(cfg, dist.get_world_size())) for name, cfg in configs]
     p = configs[0][1].parallel
     groups.initialize(Layout(tp=p.tp, dp=p.dp))

@@ -8,20 +8,27 @@ model_args="checkpoint=DIR")``; on the command line ``python -m megadeep.inferen
 Scoring is lm-eval's ``TemplateLM`` (the context/continuation split its HF model uses) over our
 model's full-vocabulary logits (``generate.forward``), with the same left truncation to the context;
 ``generate_until`` is :func:`megadeep.inference.generate.generate`, greedy, cut at the stop strings.
-lm-eval is an optional dependency: this module is the only one that imports it. One process (TP=1).
+lm-eval is an optional dependency: this module is the only one that imports it. Started by torchrun
+(``torchrun --nproc_per_node N -m megadeep.inference.harness ...``) the model runs at TP=N: every rank
+scores every request on its shard (lm-eval sees one process) and rank 0 reports.
 """
 from __future__ import annotations
 
 import lm_eval.models  # noqa: F401  lm-eval's own models: its registry skips them once it is not empty
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from megadeep.inference.cli import start_rank
 from megadeep.inference.generate import Sampling, forward, generate
 from megadeep.inference.load import load_model
 from megadeep.inference.text import codec_for
+from megadeep.launch.env import world_size_from_env
+from megadeep.parallel import groups
+from megadeep.parallel.layout import Layout
 
 
 @register_model("megadeep")
@@ -29,7 +36,10 @@ class MegadeepLM(TemplateLM):
     def __init__(self, checkpoint: str, tokenizer: str | None = None, batch_size: int | str = 8,
                  max_gen_toks: int = 256, device: str | None = None, **kwargs):
         super().__init__()
-        if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        if world_size_from_env():  # a torchrun rank: TP over all of them
+            device = start_rank()
+            groups.initialize(Layout(tp=dist.get_world_size()))
+        elif not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
         self.model, ckpt = load_model(checkpoint, device)
         self.codec = codec_for(ckpt.meta["config"], tokenizer)
