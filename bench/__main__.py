@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ("kernels", "train_throughput", "step_overhead", "pipeline_bubble", "zero_memory", "tp_comm", "preprocess", "adam",
-       "checkpoint", "planner_calibration", "construction", "tokenizer_throughput")
+       "checkpoint", "planner_calibration", "construction", "tokenizer_throughput", "generation")
 GPU = ("gpu_mfu",)  # kernels.py measures CPU kernels only
 
 

@@ -8,6 +8,8 @@ import sys
 from megadeep.checkpoint.cli import add_ckpt
 from megadeep.data.cli import add_data
 from megadeep.errors import CheckpointError, ConfigError, RunAborted
+from megadeep.finetune.cli import add_lora
+from megadeep.inference.cli import add_eval, add_generate
 from megadeep.launch.args import add_launch_args, load_for_launch
 from megadeep.launch.cli import add_launch
 from megadeep.launch.local import guard_rank
@@ -53,7 +55,7 @@ def add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-COMMANDS = [add_train, add_data, add_memory, add_launch, add_plan, add_plot, add_ckpt]
+COMMANDS = [add_train, add_data, add_memory, add_launch, add_plan, add_plot, add_ckpt, add_generate, add_eval, add_lora]
 
 
 class Parser(argparse.ArgumentParser):

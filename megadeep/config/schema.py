@@ -132,6 +132,7 @@ class DeepSpeedConfig:
 @dataclass
 class DataConfig:
     source: str = "bytes"  # bytes: raw UTF-8 bytes of text files | tokens: preprocessed shards
+    format: str = "text"  # text | chat: JSON lines of {"messages": [...]} for SFT (megadeep.finetune.chat; bytes)
     paths: list[str] = field(default_factory=list)  # text files (bytes) or dataset manifests/dirs (tokens)
     weights: list[float] = field(default_factory=list)  # tokens: blend weights, one per path; empty: by size
     corpus: str = ""  # a bundled corpus name (e.g. shakespeare) used when paths is empty
@@ -161,6 +162,23 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (newest usable in dir) | none | a checkpoint directory (any layout)
 
 
+LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # attention q|k|v and output, FFN gate|up and down
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0: off; else every target layer gets a rank-r adapter and the base is frozen
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank (PEFT's lora_alpha)
+    dropout: float = 0.0  # on the adapter's input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class FinetuneConfig:
+    base: str = ""  # a checkpoint (any layout) whose model weights start the run; empty: fresh initialisation
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -172,3 +190,4 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

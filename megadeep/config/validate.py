@@ -15,7 +15,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from megadeep.config.deepspeed import PRECISIONS, load_recipe, offload_devices, zero_stage
-from megadeep.config.schema import ADAM_CHOICES, RunConfig
+from megadeep.config.schema import ADAM_CHOICES, LORA_TARGETS, RunConfig
 from megadeep.errors import ConfigError
 from megadeep.pipeline.partition import check_method
 
@@ -295,6 +295,10 @@ def check_data(cfg: RunConfig, files: bool = True) -> None:
     (and their tokenizer's vocab) is checked by megadeep.data.prepare."""
     d, vocab = cfg.data, cfg.model.vocab_size
     _require(d.source in ("bytes", "tokens"), f"data.source must be bytes or tokens, got '{d.source}'")
+    _require(d.format in ("text", "chat"), f"data.format must be text or chat, got '{d.format}'")
+    _require(d.format == "text" or (bool(d.paths) and (d.source == "tokens") == bool(d.tokenizer)),
+             "data.format=chat reads JSON-lines files in data.paths, as bytes (data.source=bytes) or with "
+             "data.tokenizer (data.source=tokens)")
     _require(bool(d.paths or d.corpus),
              "no training data: set data.paths or data.corpus (e.g. data.corpus=shakespeare)")
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
@@ -321,6 +325,23 @@ def check_data(cfg: RunConfig, files: bool = True) -> None:
              "specials and the alphabet; use ≥ 320")
 
 
+def _check_finetune(cfg: RunConfig) -> None:
+    f, lora = cfg.finetune, cfg.finetune.lora
+    _require(not f.base or Path(f.base).is_dir(), f"finetune.base '{f.base}' is not a directory (give a checkpoint)")
+    _require(not f.base or cfg.parallel.pp == 1, "finetune.base loads into parallel.pp=1 runs (a pipeline run can "
+                                                 "start from a checkpoint with checkpoint.resume=<step dir>)")
+    _require(lora.rank >= 0, f"finetune.lora.rank must be ≥ 0, got {lora.rank}")
+    if not lora.rank:
+        return
+    _require(lora.alpha > 0, f"finetune.lora.alpha must be > 0, got {lora.alpha}")
+    _require(0 <= lora.dropout < 1, f"finetune.lora.dropout must be in [0, 1), got {lora.dropout}")
+    bad = [t for t in lora.targets if t not in LORA_TARGETS]
+    _require(bool(lora.targets) and not bad and len(set(lora.targets)) == len(lora.targets),
+             f"finetune.lora.targets must be distinct names among {', '.join(LORA_TARGETS)}, got {lora.targets}")
+    _require(cfg.parallel.pp == 1, "finetune.lora needs parallel.pp=1 (adapters are not placed on pipeline stages)")
+    _require(not cfg.parallel.sequence_parallel, "finetune.lora needs parallel.sequence_parallel=false")
+
+
 def resolve(cfg: RunConfig, world_size: int, require_data: bool = True) -> RunConfig:
     """Validate ``cfg`` for ``world_size`` processes and return a copy with DP and accumulation filled in.
     ``require_data=False`` (the planner, a dry run: layouts, not a run) lets a config name no data, or
@@ -337,6 +358,7 @@ def resolve(cfg: RunConfig, world_size: int, require_data: bool = True) -> RunCo
         check_data(cfg, files=require_data)
     _check_checkpoint(cfg)
     _check_log(cfg)
+    _check_finetune(cfg)
     out = copy.deepcopy(cfg)
     if cfg.data.source == "bytes" and not cfg.model.vocab_size:
         out.model.vocab_size = BYTE_VOCAB

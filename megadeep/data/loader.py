@@ -22,6 +22,10 @@ class Split:
 
 def build_split(cfg: RunConfig) -> Split:
     d = cfg.data
+    if d.format == "chat":
+        from megadeep.finetune.chat import chat_split
+
+        return chat_split(cfg)
     if d.source == "tokens":
         s = token_split(d, cfg.train.seq_len, cfg.train.seed)
         if cfg.model.vocab_size < s.vocab_size:  # larger: spare embedding rows, allowed by prepare_data

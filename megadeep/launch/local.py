@@ -58,28 +58,33 @@ def run_local(cfg: RunConfig, nproc: int, command: str = "train", args: tuple[st
     with tempfile.TemporaryDirectory(prefix="megadeep-") as tmp:
         resolved = Path(tmp) / "config.json"
         dump_json(cfg, resolved)
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        cmd = [sys.executable, "-m", "megadeep.launch.local", str(os.getpid()), "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "megadeep", command, str(resolved), *args]
-        previous = {s: signal.signal(s, _raise) for s in FORWARDED}
-        agent = subprocess.Popen(cmd, env=env, start_new_session=True)
-        try:
-            return agent.wait()
-        except _Forwarded as stop:
-            agent.send_signal(stop.signum)
-            try:
-                agent.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-            return 128 + stop.signum
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
+        return run_ranks(nproc, [command, str(resolved), *args])
 
+
+def run_ranks(nproc: int, argv: list[str]) -> int:
+    """Run ``megadeep ARGV...`` on ``nproc`` processes of this machine under the torchrun agent;
+    returns the exit code."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "megadeep.launch.local", str(os.getpid()), "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "megadeep", *argv]
+    previous = {s: signal.signal(s, _raise) for s in FORWARDED}
+    agent = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return agent.wait()
+    except _Forwarded as stop:
+        agent.send_signal(stop.signum)
+        try:
+            agent.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        return 128 + stop.signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
 
 if __name__ == "__main__":  # the torchrun agent: python -m megadeep.launch.local PARENT_PID TORCHRUN_ARGS...
     die_with_parent(signal.SIGTERM, int(sys.argv[1]))

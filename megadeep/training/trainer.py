@@ -19,6 +19,7 @@ from megadeep.checkpoint.manager import CheckpointManager, TrainState
 from megadeep.config.schema import RunConfig
 from megadeep.data.loader import Loader, build_split
 from megadeep.errors import RunAborted
+from megadeep.finetune.build import build_finetune_model, finetuning
 from megadeep.launch.env import bind_device, discover, init_distributed
 from megadeep.launch.placement import report_actual
 from megadeep.model import num_params
@@ -91,7 +92,7 @@ class Trainer:
 
         self.pipelined = run.pipelined
         ds_config = run.ds_config()
-        model = build_model(run, self.device, ds_config)
+        model = build_finetune_model(cfg, self.device) if finetuning(cfg) else build_model(run, self.device, ds_config)
         if self.pipelined:
             from megadeep.pipeline import check_grid
 
@@ -118,7 +119,9 @@ class Trainer:
         self.log = MetricsLog(cfg, dist.get_world_size(), peak_flops(self.device, t.precision), self.rank == 0)
         self.comm = CommMeter() if cfg.log.comm_stats else None
         self.guard = FaultGuard(t.max_consecutive_skips, t.loss_spike_factor, self.rank == 0)
-        params = model.canonical_parameters() if self.pipelined else dict(model.named_parameters())
+        # what a checkpoint holds: the trained parameters (a LoRA run's adapters; its base stays finetune.base)
+        params = model.canonical_parameters() if self.pipelined else {
+            n: p for n, p in model.named_parameters() if p.requires_grad}
         self.checkpoints = CheckpointManager(cfg, self.engine, params, self.device.type)
         if self.rank == 0 and cfg.log.progress:
             print(f"megadeep: {cfg.name} | layout TP={p.tp} DP={p.dp} PP={p.pp} | "
