@@ -102,7 +102,10 @@ def prepare_data(cfg: RunConfig, build: bool = True, log: Callable[[str], None] 
             log(f"megadeep: preparing data.corpus={d.corpus} in {cache} (once; later runs reuse it)")
             build_corpus(d, cache, log)
         out.data.paths = [str(cache)]
-    vocab = check_manifests(out.data)[0].tokenizer["vocab_size"]
+    tokenizer = check_manifests(out.data)[0].tokenizer
+    vocab = tokenizer["vocab_size"]
+    if out.data.document_sep < 0:  # documents end with the tokenizer's eos (megadeep.data.shards)
+        out.data.document_sep = tokenizer["eos_id"]
     if cfg.model.vocab_size not in (0, vocab):
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the data's tokenizer has {vocab} pieces; "
                           "set model.vocab_size=0 to take it from the tokenizer")
