@@ -5,9 +5,10 @@ import torch
 from megadeep.config.schema import ModelConfig
 from megadeep.model import Transformer
 from megadeep.model.attention import Documents, DocumentSpec
+from tests.helpers import read_json, run_torchrun
 
 SEP = 2
-CFG = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
+CFG = ModelConfig(vocab_size=50, dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=64, max_seq_len=64,
                   vocab_pad_unit=8)
 
 
@@ -44,3 +45,13 @@ def test_packed_logits_equal_documents_alone(restart):
     err = ((packed - alone).abs().max() / alone.abs().max()).item()
     assert err <= 1e-5, err
     assert ((unmasked - alone).abs().max() / alone.abs().max()).item() > 1e-2  # masking is what makes them equal
+
+
+def test_packed_logits_equal_documents_alone_under_context_parallelism(tmp_path):
+    """CP=2 and CP=4, Ulysses and all-gather-KV, global or restarted RoPE positions (tests/workers/cp_docs.py)."""
+    out = tmp_path / "errors.json"
+    run_torchrun("cp_docs.py", 4, str(out))
+    errors = read_json(out)
+    assert len(errors) == 8, errors
+    for case, err in errors.items():
+        assert err <= 1e-5, (case, err)

@@ -263,12 +263,14 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore
 
 class Transformer(nn.Module):
     """``documents``: packed samples attend only within their documents (``data.document_mask``);
-    ``cp_attention``: the context-parallel attention variant (``parallel.cp_attention``)."""
+    ``cp_attention``: the context-parallel attention variant (``parallel.cp_attention``);
+    ``cp_grad_scale``: see ``lm_loss`` (``ResolvedRun.cp_grad_scale``)."""
 
     def __init__(self, cfg: ModelConfig, sequence_parallel: bool = False, documents: DocumentSpec | None = None,
-                 cp_attention: str = "auto"):
+                 cp_attention: str = "auto", cp_grad_scale: float = 1.0):
         super().__init__()
         self.cfg, self.sequence_parallel, self.documents = cfg, sequence_parallel, documents
+        self.cp_grad_scale = cp_grad_scale
         fused = ops.use_fused(cfg.fused_kernels)
         self.tok_embeddings = TokenEmbedding(cfg, sequence_parallel)
         self.layers = nn.ModuleList(Block(cfg, i, sequence_parallel, fused, cp_attention) for i in range(cfg.n_layers))
@@ -285,7 +287,7 @@ class Transformer(nn.Module):
         logits = tied_logits(self.tok_embeddings, h) if self.output is None else self.output(h)
         if targets is None:
             return logits  # [batch, seq (/CP), padded_vocab / TP]
-        return lm_loss(logits, targets, self.cfg.vocab_size)
+        return lm_loss(logits, targets, self.cfg.vocab_size, cp_grad_scale=self.cp_grad_scale)
 
     def init_weights(self, seed: int) -> None:
         init_weights(self, "", seed)

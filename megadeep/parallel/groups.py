@@ -201,6 +201,10 @@ def get_sequence_data_parallel_group() -> dist.ProcessGroup:
     return _state().dp_cp
 
 
+def get_sequence_data_parallel_group_ranks() -> list[int]:
+    return list(_state().dp_cp_ranks)
+
+
 def get_sequence_data_parallel_world_size() -> int:
     s = _STATE
     return s.layout.dp * s.layout.cp if s is not None else 1

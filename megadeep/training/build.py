@@ -36,11 +36,11 @@ def build_model(run: ResolvedRun, device: torch.device, ds_config: dict | None =
         # ignores mpu's groups); mem_efficient_linear off: it swaps F.linear for its own autograd function
         with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=groups, mem_efficient_linear=False,
                                  data_parallel_group=groups.get_sequence_data_parallel_group()), deferred_init():
-            model = Transformer(cfg.model, sp, run.documents, run.cp_attention)
+            model = Transformer(cfg.model, sp, run.documents, run.cp_attention, run.cp_grad_scale)
         init_weights(model, "", cfg.train.seed)
         return model
     with torch.device("meta"):
-        model = Transformer(cfg.model, sp, run.documents, run.cp_attention)
+        model = Transformer(cfg.model, sp, run.documents, run.cp_attention, run.cp_grad_scale)
     if device.type != "meta":
         materialize(model, {"": model}, device, cfg.train.seed)
     return model

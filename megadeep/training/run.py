@@ -33,6 +33,13 @@ class ResolvedRun:
     documents: DocumentSpec | None = None  # data.document_mask: where packed documents end
 
     @property
+    def cp_grad_scale(self) -> float:
+        """How the CP loss share is scaled (``context.loss_share``): DeepSpeed's engine and ZeRO 1/2 sum
+        gradients over CP (its Ulysses convention); the pipeline engine (data axis = DP×CP) and ZeRO-3's
+        reduce-scatter (pinned in ``compose``) average over DP×CP."""
+        return float(self.layout.cp) if self.pipelined or self.zero_stage == 3 else 1.0
+
+    @property
     def describe_cp(self) -> str:
         """For the start-up line."""
         return f" CP={self.layout.cp} ({self.cp_attention})" if self.layout.cp > 1 else ""
