@@ -81,3 +81,20 @@ U, A = "cpa=ulysses", "cpa=allgather"
 def test_context_parallel_matches_single_process(world, specs, text, reference, tmp_path):
     specs = [f"{s},{WARM}" for s in specs]
     assert_matches(run_parity(tmp_path / "results.json", text, specs, world), reference)
+
+
+def test_checkpoint_resumes_across_cp_sizes(text, tmp_path):
+    """A CP=2 run saved at step 5 continues at CP=1 (DP=4) and CP=4 with the losses it would have had."""
+    from tests.test_checkpoint_train import launch
+
+    src_dir, base = tmp_path / "src", ["train.steps=10", "deepspeed.config=zero1"]
+    src, _ = launch(tmp_path, "src", 2, text, [
+        {"name": "src", "overrides": base + ["parallel.cp=2", f"checkpoint.dir={src_dir}", "checkpoint.save_every=5"]}])
+    step5 = src_dir / "step_00000005"
+    results, _ = launch(tmp_path, "resume", 4, text, [
+        {"name": f"cp{cp}", "overrides": base + [f"parallel.cp={cp}", f"checkpoint.resume={step5}"]} for cp in (1, 4)])
+    ref = src["src"]["loss"][5:]
+    for cp in (1, 4):
+        r = results[f"cp{cp}"]
+        assert r["start"] == 5 and r["steps"] == list(range(6, 11)), r
+        assert rel_err(r["loss"], ref) < TOL, (cp, r["loss"], ref)
