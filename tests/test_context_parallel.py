@@ -98,3 +98,20 @@ def test_checkpoint_resumes_across_cp_sizes(text, tmp_path):
         r = results[f"cp{cp}"]
         assert r["start"] == 5 and r["steps"] == list(range(6, 11)), r
         assert rel_err(r["loss"], ref) < TOL, (cp, r["loss"], ref)
+
+
+def test_dry_run_and_accounting_know_cp():
+    """Activations fall by ~1/cp, ZeRO shards over DP×CP, and the attention traffic is reported."""
+    import re
+
+    from megadeep.training.dry_run import describe
+    from tests.test_dry_run import run_for
+
+    acts, texts = {}, {}
+    for cp in (1, 2, 4):
+        run = run_for("llama3-8b", [f"parallel.cp={cp}", "model.max_seq_len=8192", "train.seq_len=8192"], 32)
+        texts[cp] = describe(run, 3)
+        acts[cp] = int(re.search(r"activations \(peak[^:]*\): ([\d,]+) B", texts[cp]).group(1).replace(",", ""))
+    assert 0.49 < acts[2] / acts[1] <= 0.5 and 0.24 < acts[4] / acts[1] <= 0.25, acts
+    assert "CP 1/2 (ulysses)" in texts[2] and "CP 1/4 (ulysses)" in texts[4] and "CP " not in texts[1]
+    assert "context parallel: ulysses attention receives" in texts[4]
