@@ -115,3 +115,26 @@ def test_dry_run_and_accounting_know_cp():
     assert 0.49 < acts[2] / acts[1] <= 0.5 and 0.24 < acts[4] / acts[1] <= 0.25, acts
     assert "CP 1/2 (ulysses)" in texts[2] and "CP 1/4 (ulysses)" in texts[4] and "CP " not in texts[1]
     assert "context parallel: ulysses attention receives" in texts[4]
+
+
+def test_planner_knows_cp():
+    """CP divides a layout's activations by cp and adds its attention traffic; at 64k tokens the best
+    planned layout of a 7B model on 2×8 A100-80 is a CP one (each is a run config megadeep validates)."""
+    import dataclasses
+
+    from megadeep.config.schema import RunConfig
+    from megadeep.planner.estimate import Candidate, Workload, estimate
+    from megadeep.planner.hardware import GPUS, Cluster
+    from megadeep.planner.search import PRESETS, plan
+
+    gpu = GPUS["A100-80"]
+    cluster = Cluster(2, 8, gpu, gpu.nvlink, gpu.network)
+    w = Workload(dataclasses.replace(PRESETS["7B"], max_seq_len=65536), 65536, 16)
+    base = estimate(w, Candidate(4, 1, 4, "zero1", 1, "full", True), cluster)
+    for cp in (2, 4):
+        e = estimate(w, Candidate(4, 1, 4 // cp, "zero1", 1, "full", True, cp=cp), cluster)
+        assert abs(e.activations / base.activations - 1 / cp) < 0.01, (cp, e.activations, base.activations)
+        assert e.tp_s > base.tp_s  # + the attention's all-to-alls
+    best = plan(w, cluster, RunConfig(), cp_sizes=(1, 2, 4, 8)).ranked[0]
+    assert best.candidate.cp > 1, best.candidate
+    assert best.breakdown()["layout"]["cp"] == best.candidate.cp

@@ -180,7 +180,7 @@ def _check_layout(cfg: RunConfig, world_size: int) -> None:
 
 
 def _check_context_parallel(cfg: RunConfig) -> None:
-    from megadeep.parallel.context import METHODS
+    from megadeep.parallel.cp_choice import METHODS
 
     p, m, seq = cfg.parallel, cfg.model, cfg.train.seq_len
     _require(p.cp_attention in METHODS, f"parallel.cp_attention must be one of {', '.join(METHODS)}, got '{p.cp_attention}'")

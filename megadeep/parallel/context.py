@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megadeep.parallel import groups
-
-METHODS = ("auto", "ulysses", "allgather")
+from megadeep.parallel.cp_choice import METHODS, pick  # noqa: F401  (part of this module's API)
 
 
 def world() -> int:
@@ -86,13 +85,6 @@ class _GatherSeq(torch.autograd.Function):
 
 def gather(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return _GatherSeq.apply(x, dim)
-
-
-def pick(method: str, kv_heads_per_tp: int, cp: int) -> str:
-    """The CP attention a run uses: Ulysses when it can split the KV heads, else all-gather-KV."""
-    if method != "auto":
-        return method
-    return "ulysses" if kv_heads_per_tp % cp == 0 else "allgather"
 
 
 def loss_share(per_token: torch.Tensor, counted: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from megadeep.config.deepspeed import compose, load_recipe, megadeep_clips, offload_devices, zero_stage
 from megadeep.config.schema import RunConfig
 from megadeep.model.attention import DocumentSpec
-from megadeep.parallel.context import pick
+from megadeep.parallel.cp_choice import pick
 from megadeep.parallel.layout import Layout
 from megadeep.training.optimizer import apex_fused_adam, resolve_adam
 
