@@ -262,12 +262,12 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster, compute=None) -> Estim
     # context parallel: the attention's all-to-alls (Ulysses) or K/V all-gather, not overlapped; forward,
     # backward and the recomputed forward (counted with the TP time: both are in-layer collectives)
     if c.cp > 1:
-        op = "all_to_all" if cp_method == "ulysses" else "all_gather"
         received = cp_attention_bytes(m, w.seq, c.micro_batch, c.tp, c.cp, cp_method, act_bytes)
         cp_group = layout.cp_groups()[0]
         n = len(cp_group)
-        tensor = received * n / (n - 1)  # collective_time takes the whole tensor (its traffic factor is (n-1)/n)
-        tp_time += micro_batches * max(layers) * passes * cluster.collective_time(op, tensor, cp_group) / 2
+        # an all-to-all moves (n-1)/n of its tensor per rank like an all-gather: priced as one, whole tensor
+        tensor = received * n / (n - 1)
+        tp_time += micro_batches * max(layers) * passes * cluster.collective_time("all_gather", tensor, cp_group) / 2
 
     # --- pipeline: blocking sends of each micro-batch's activation forward and its gradient back, per
     # model chunk. Sequence-parallel activations are already 1/TP per rank; otherwise DeepSpeed's engine

@@ -40,8 +40,7 @@ GPUS = {
 COMM_EFFICIENCY = 0.8
 # Bytes moved per rank per byte of the tensor, ring algorithms over n ranks.
 TRAFFIC = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-           "reduce_scatter": lambda n: (n - 1) / n, "p2p": lambda n: 1.0,
-           "all_to_all": lambda n: (n - 1) / n}
+           "reduce_scatter": lambda n: (n - 1) / n, "p2p": lambda n: 1.0}
 
 
 @dataclass(frozen=True)
