@@ -138,3 +138,18 @@ def test_planner_knows_cp():
     best = plan(w, cluster, RunConfig(), cp_sizes=(1, 2, 4, 8)).ranked[0]
     assert best.candidate.cp > 1, best.candidate
     assert best.breakdown()["layout"]["cp"] == best.candidate.cp
+
+
+def test_start_up_line_names_the_cp_attention():
+    from megadeep.config import load_config, resolve
+    from megadeep.training.run import resolve_run
+    from tests.workers.parity import TINY
+
+    def line(overrides, world):
+        cfg = resolve(load_config(None, TINY + overrides), world, require_data=False)
+        return resolve_run(cfg, "cpu").describe_cp
+
+    assert line(["parallel.cp=2"], 2) == " CP=2 (ulysses)"
+    assert line(["parallel.cp=4", "parallel.tp=2"], 8) == " CP=4 (allgather)"  # 2 KV heads per TP rank
+    assert line(["parallel.cp=2", "parallel.cp_attention=allgather"], 2) == " CP=2 (allgather)"
+    assert line([], 2) == ""
