@@ -45,6 +45,16 @@ INVALID = [
     (["checkpoint.keep_last=0"], 4, "checkpoint.keep_last must be ≥ 1"),
     (["train.loss_spike_factor=0.5"], 4, "train.loss_spike_factor must be 0 (off) or > 1"),
     (["train.max_consecutive_skips=0"], 4, "train.max_consecutive_skips must be ≥ 1"),
+    (["parallel.tp=1", "parallel.cp=2", "train.seq_len=126"], 4, "cuts train.seq_len=126 into 2·cp=4 zig-zag chunks"),
+    (["parallel.tp=1", "parallel.cp=3"], 4, "world size 4 is not divisible by parallel.tp × cp × pp"),
+    (["parallel.tp=1", "parallel.cp=4", "parallel.cp_attention=ulysses"], 4,
+     "cp_attention=ulysses splits the 2 KV heads of a TP rank"),
+    (["parallel.cp_attention=ring"], 4, "parallel.cp_attention must be one of auto, ulysses, allgather"),
+    (["parallel.tp=1", "parallel.cp=2", "model.dropout=0.1"], 4, "parallel.cp=2 with model dropout"),
+    (["parallel.tp=4", "parallel.cp=2", "parallel.sequence_parallel=true", "train.seq_len=12"], 8,
+     "sequence parallel splits train.seq_len=12 over parallel.tp=4 (of each of cp=2 slices)"),
+    (["data.document_positions=true"], 4, "data.document_positions restarts RoPE"),
+    (["data.document_mask=true", "parallel.pp=2", "parallel.tp=1"], 4, "data.document_mask with parallel.pp=2"),
 ]
 
 

@@ -136,7 +136,7 @@ class CheckpointManager:
         if self.rank == 0:
             store.begin(self.root, state.step)
         dist.barrier()
-        writer = self.coord.dp == 0
+        writer = self.coord.dp == 0 and groups.get_context_parallel_rank() == 0  # CP ranks hold the same weights
         self.state.ensure_state()
         snapshot: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # file → (kind, tensors)
         for kind in KINDS:
@@ -227,11 +227,10 @@ class CheckpointManager:
         return final
 
     def _meta(self, state: TrainState, specs: dict) -> dict:
-        p = self.layout
         return {
             "step": state.step,
             "consumed_samples": state.consumed_samples,
-            "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp},
+            "layout": self._layout_meta(),
             "zero_stage": self.engine.zero_optimization_stage(),  # the engine's own, not the recipe re-read
             "precision": self.cfg.train.precision,
             "config": to_dict(self.cfg),
@@ -284,8 +283,12 @@ class CheckpointManager:
                                   "repair or move them, or set checkpoint.resume=none to start over")
         return None
 
+    def _layout_meta(self) -> dict:
+        p = self.layout
+        return {"tp": p.tp, "pp": p.pp, "dp": p.dp, **({"cp": p.cp} if p.cp > 1 else {})}
+
     def _same_layout(self, ckpt: store.Checkpoint) -> bool:
-        return ckpt.meta["layout"] == {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}
+        return ckpt.meta["layout"] == self._layout_meta()
 
     def _kinds(self, ckpt: store.Checkpoint) -> tuple[str, ...]:
         return KINDS if ckpt.meta.get("optimizer") is not None else KINDS[:1]

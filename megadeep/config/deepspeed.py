@@ -120,8 +120,11 @@ def compose(cfg: RunConfig, recipe: dict | None = None) -> dict:
     t, o = cfg.train, cfg.optim
     recipe = load_recipe(cfg.deepspeed.config) if recipe is None else recipe
     ds = _merge(recipe, precision_fragment(t.precision))
+    # The pipeline engine counts CP ranks as data parallel (its data axis is our DP×CP), though they
+    # read the same samples: its batch is CP times ours.
+    pipeline_cp = cfg.parallel.cp if cfg.parallel.pp > 1 else 1
     ds.update(
-        train_batch_size=t.global_batch_size,
+        train_batch_size=t.global_batch_size * pipeline_cp,
         train_micro_batch_size_per_gpu=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum_steps,
         gradient_clipping=0.0 if megadeep_clips(cfg, recipe) else o.grad_clip,
@@ -134,6 +137,11 @@ def compose(cfg: RunConfig, recipe: dict | None = None) -> dict:
     }
     if cfg.log.comm_stats:
         ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
+    if cfg.parallel.cp > 1 and zero_stage(recipe) == 3:
+        # ZeRO-3 averages gradients over DP×CP on its reduce-scatter path but sums over CP on its
+        # all-reduce path (DeepSpeed 0.19.8), and picks between them per bucket: pin the former
+        # (ResolvedRun.cp_grad_scale scales the loss for it).
+        ds["zero_optimization"]["reduce_scatter"] = True
     if cfg.parallel.pp > 1:
         # The engine may send 1/TP of each activation between stages and all-gather it on arrival;
         # that presumes activations replicated over TP, which sequence parallel ones are not.

@@ -88,6 +88,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     partition_method: str = "parameters"  # pipeline stage split: parameters | uniform | type:<regex>
     pipeline_checkpoint_interval: int = 0  # activation checkpointing every k layers of a stage
+    cp: int = 1  # context parallel: ranks splitting every sequence (zig-zag), between TP and DP in rank order
+    cp_attention: str = "auto"  # auto | ulysses (all-to-all over heads) | allgather (all-gather K/V)
 
 
 @dataclass
@@ -141,6 +143,9 @@ class DataConfig:
     tokenizer_vocab: int = 4096  # tokens + corpus, no data.tokenizer: pieces of the tokenizer trained for the corpus
     cache_dir: str = "data_cache"  # tokens + corpus: where the prepared corpus is kept
     verify_checksums: bool = True  # tokens: check every shard's sha256 when a run opens it
+    document_mask: bool = False  # packed samples attend only within their documents
+    document_positions: bool = False  # with document_mask: RoPE positions restart at 0 in every document
+    document_sep: int = -1  # the token ending a document; -1: the tokenizer's eos (tokens), "\n" (bytes)
 
 
 @dataclass

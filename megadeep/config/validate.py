@@ -20,6 +20,7 @@ from megadeep.errors import ConfigError
 from megadeep.pipeline.partition import check_method
 
 BYTE_VOCAB = 256  # data.source=bytes: one token per byte value
+NEWLINE = 10  # data.source=bytes: the byte that ends a document under data.document_mask
 
 
 def _require(ok: bool, message: str) -> None:
@@ -163,18 +164,29 @@ def check_model_alone(cfg: RunConfig) -> None:
 
 def _check_layout(cfg: RunConfig, world_size: int) -> None:
     p = cfg.parallel
-    _require(p.tp >= 1 and p.pp >= 1 and p.dp >= 0, "parallel.tp and parallel.pp must be ≥ 1 and parallel.dp ≥ 0")
-    _require(
-        world_size % (p.tp * p.pp) == 0,
-        f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp}×{p.pp}; "
-        f"use a process count that is a multiple of {p.tp * p.pp}",
-    )
-    dp = world_size // (p.tp * p.pp)
+    _require(p.tp >= 1 and p.pp >= 1 and p.cp >= 1 and p.dp >= 0,
+             "parallel.tp, parallel.cp and parallel.pp must be ≥ 1 and parallel.dp ≥ 0")
+    if p.cp == 1:
+        _require(
+            world_size % (p.tp * p.pp) == 0,
+            f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp}×{p.pp}; "
+            f"use a process count that is a multiple of {p.tp * p.pp}",
+        )
+    else:
+        _require(
+            world_size % (p.tp * p.cp * p.pp) == 0,
+            f"world size {world_size} is not divisible by parallel.tp × cp × pp = {p.tp}×{p.cp}×{p.pp}; "
+            f"use a process count that is a multiple of {p.tp * p.cp * p.pp}",
+        )
+    dp = world_size // (p.tp * p.cp * p.pp)
+    axes = "tp × cp × pp" if p.cp > 1 else "tp × pp"
+    sizes = "×".join(str(n) for n in ((p.dp, p.tp, p.cp, p.pp) if p.cp > 1 else (p.dp, p.tp, p.pp)))
     _require(
         p.dp in (0, dp),
-        f"parallel.dp × tp × pp = {p.dp}×{p.tp}×{p.pp} = {p.dp * p.tp * p.pp} but the world size is {world_size}; "
+        f"parallel.dp × {axes} = {sizes} = {p.dp * p.tp * p.cp * p.pp} but the world size is {world_size}; "
         "set parallel.dp=0 to derive it, or change the process count",
     )
+    _check_context_parallel(cfg)
     _require(
         p.pp <= cfg.model.n_layers,
         f"parallel.pp={p.pp} is more pipeline stages than model.n_layers={cfg.model.n_layers}",
@@ -183,9 +195,29 @@ def _check_layout(cfg: RunConfig, world_size: int) -> None:
              f"parallel.pipeline_checkpoint_interval must be ≥ 0, got {p.pipeline_checkpoint_interval}")
     if p.sequence_parallel:
         _require(
-            cfg.train.seq_len % p.tp == 0,
-            f"sequence parallel splits train.seq_len={cfg.train.seq_len} over parallel.tp={p.tp}: make it divisible",
+            cfg.train.seq_len % (p.tp * p.cp) == 0,
+            f"sequence parallel splits train.seq_len={cfg.train.seq_len} over parallel.tp={p.tp}"
+            + (f" (of each of cp={p.cp} slices)" if p.cp > 1 else "") + ": make it divisible",
         )
+
+
+def _check_context_parallel(cfg: RunConfig) -> None:
+    from megadeep.parallel.cp_choice import METHODS
+
+    p, m, seq = cfg.parallel, cfg.model, cfg.train.seq_len
+    _require(p.cp_attention in METHODS, f"parallel.cp_attention must be one of {', '.join(METHODS)}, got '{p.cp_attention}'")
+    if p.cp == 1:
+        return
+    _require(seq % (2 * p.cp) == 0,
+             f"parallel.cp={p.cp} cuts train.seq_len={seq} into 2·cp={2 * p.cp} zig-zag chunks: "
+             f"use a seq_len that is a multiple of {2 * p.cp}")
+    kv = m.kv_heads // p.tp if m.kv_heads % p.tp == 0 else m.kv_heads
+    _require(p.cp_attention != "ulysses" or kv % p.cp == 0,
+             f"parallel.cp_attention=ulysses splits the {kv} KV heads of a TP rank (model.n_kv_heads={m.kv_heads} / "
+             f"tp={p.tp}) over parallel.cp={p.cp}, which does not divide them; use cp_attention=allgather or auto")
+    _require(m.dropout == 0 and m.attention_dropout == 0,
+             f"parallel.cp={p.cp} with model dropout is not supported (CP ranks would draw correlated masks); "
+             "set model.dropout=0 and model.attention_dropout=0")
 
 
 def _check_batch(cfg: RunConfig, dp: int) -> int:
@@ -302,6 +334,12 @@ def check_data(cfg: RunConfig, files: bool = True) -> None:
     _require(bool(d.paths or d.corpus),
              "no training data: set data.paths or data.corpus (e.g. data.corpus=shakespeare)")
     _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    _require(d.document_sep >= -1, f"data.document_sep must be a token id, or -1 (the eos), got {d.document_sep}")
+    _require(d.document_mask or not d.document_positions,
+             "data.document_positions restarts RoPE per document of data.document_mask: set data.document_mask=true")
+    _require(not d.document_mask or cfg.parallel.pp == 1,
+             f"data.document_mask with parallel.pp={cfg.parallel.pp} is not supported (the document structure "
+             "does not travel between pipeline stages); use pp=1")
     if d.tokenizer and files:
         _require(Path(d.tokenizer).exists(), f"data.tokenizer='{d.tokenizer}' does not exist (give a tokenizer "
                                              "directory or its tokenizer.model)")
@@ -362,6 +400,8 @@ def resolve(cfg: RunConfig, world_size: int, require_data: bool = True) -> RunCo
     out = copy.deepcopy(cfg)
     if cfg.data.source == "bytes" and not cfg.model.vocab_size:
         out.model.vocab_size = BYTE_VOCAB
-    out.parallel.dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    if cfg.data.source == "bytes" and cfg.data.document_sep < 0:
+        out.data.document_sep = NEWLINE  # bytes have no eos: a line is a document
+    out.parallel.dp = world_size // (cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp)
     out.train.grad_accum_steps = _check_batch(cfg, out.parallel.dp)
     return out

@@ -113,6 +113,8 @@ def prepare_data(cfg: RunConfig, build: bool = True, log: Callable[[str], None] 
         out.data.paths = [str(cache)]
     made_with = check_manifests(out.data)[0].tokenizer
     vocab = made_with["vocab_size"]
+    if out.data.document_sep < 0:  # documents end with the tokenizer's eos (megadeep.data.shards)
+        out.data.document_sep = made_with["eos_id"]
     pinned = check_model_tokenizer(cfg, made_with) or bool(d.tokenizer)
     # A model whose tokenizer is pinned may have more embedding rows than the tokenizer has pieces
     # (Qwen2.5: 151,936 rows, 151,665 tokens); otherwise the two must agree.

@@ -18,7 +18,9 @@ discount). Hardware FLOPs add one more forward of the layers under full recomput
 Activations generalise Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models", §4) from GPT's block to ours (GQA, gated MLP, optional dropout): for GPT
 shapes it is exactly their sbh(34 + 5as/h) per layer, sbh(10 + 24/t + 5as/(ht)) under tensor
-parallelism and sbh/t·(34 + 5as/h) with sequence parallelism.
+parallelism and sbh/t·(34 + 5as/h) with sequence parallelism. Context parallelism divides s by cp
+everywhere a rank holds its own tokens; the attention core's scores are (s/cp)×s, and the all-gather-KV
+variant also keeps the gathered keys and values (s, not s/cp, rows).
 """
 from __future__ import annotations
 
@@ -139,6 +141,8 @@ class ActivationShape:
     flash: bool = True  # fused attention (SDPA flash/efficient kernels) keeps no s×s matrices
     gated_mlp: bool = True  # SwiGLU (ours); False: GPT's GeLU MLP
     act_bytes: int = 2  # 16-bit activations; 4 for fp32 runs
+    cp: int = 1  # context parallel: this rank holds seq/cp of every sequence
+    cp_gathers_kv: bool = False  # CP attention = allgather (keeps whole-sequence K and V); False: Ulysses
 
 
 def layer_activation_bytes(a: ActivationShape, recompute: str = "none") -> float:
@@ -148,7 +152,7 @@ def layer_activation_bytes(a: ActivationShape, recompute: str = "none") -> float
     ``full`` keeps only the layer input (the rest is rebuilt one layer at a time during backward).
     """
     m, t, B = a.model, a.tp, a.act_bytes
-    sbh = a.seq * a.micro_batch * m.dim
+    sbh = a.seq * a.micro_batch * m.dim // a.cp  # this rank's tokens
     split = t if a.sequence_parallel else 1  # without SP these are replicated on every TP rank
     if recompute == "full":
         return B * sbh / split
@@ -159,10 +163,12 @@ def layer_activation_bytes(a: ActivationShape, recompute: str = "none") -> float
     # Q and K for QKᵀ, V, output-projection input; MLP: GeLU in/out, or gate|up, silu(gate), product
     mlp = (4 if a.gated_mlp else 2) * m.hidden_ffn / m.dim
     sharded = sbh * B * ((1 + kv) + kv + 1 + mlp)
+    if a.cp > 1 and a.cp_gathers_kv:
+        sharded += sbh * B * 2 * kv * (a.cp - 1)  # the other ranks' keys and values
     if not (a.flash or recompute == "selective"):
         # softmax output; with attention dropout also its mask and the dropped-out probabilities
         per_score = B + (1 + B if m.attention_dropout > 0 else 0)
-        sharded += m.n_heads * a.seq * a.seq * a.micro_batch * per_score
+        sharded += m.n_heads * a.seq * a.seq // a.cp * a.micro_batch * per_score
     return replicated / split + sharded / t
 
 
@@ -172,7 +178,7 @@ def stage_activation_bytes(a: ActivationShape, layers: int, in_flight: int, reco
     to pp - stage of them) of ``layers`` layers, plus the embedding's dropout mask on the first stage
     and the final norm, head input and fp32 logits for the loss on the last (Korthikanti §4.3)."""
     m, t = a.model, a.tp
-    sbh = a.seq * a.micro_batch * m.dim
+    sbh = a.seq * a.micro_batch * m.dim // a.cp
     split = t if a.sequence_parallel else 1
     total = layers * in_flight * layer_activation_bytes(a, recompute)
     if recompute == "full":  # the layer being recomputed holds its full activations meanwhile
@@ -180,5 +186,19 @@ def stage_activation_bytes(a: ActivationShape, layers: int, in_flight: int, reco
     if first and m.dropout > 0:
         total += in_flight * sbh / split
     if last:
-        total += 2 * a.act_bytes * sbh / split + 4 * a.seq * a.micro_batch * m.padded_vocab(t) / t
+        total += 2 * a.act_bytes * sbh / split + 4 * a.seq // a.cp * a.micro_batch * m.padded_vocab(t) / t
     return total
+
+
+def cp_attention_bytes(m: ModelConfig, seq: int, micro_batch: int, tp: int, cp: int, method: str,
+                       act_bytes: int) -> float:
+    """Bytes one rank receives from the other CP ranks in one layer's attention forward (backward moves
+    the same again). Ulysses: four all-to-alls (q, k, v in, the output back), each bringing (cp-1)/cp of
+    a [seq/cp, heads/tp] tensor; allgather: the other ranks' keys and values."""
+    if cp == 1:
+        return 0.0
+    local = seq // cp * micro_batch * m.head_dim * act_bytes  # one head's worth of this rank's tokens
+    q, kv = m.n_heads // tp, m.kv_heads // tp
+    if method == "ulysses":
+        return local * (2 * q + 2 * kv) * (cp - 1) / cp
+    return local * 2 * kv * (cp - 1)

@@ -21,8 +21,9 @@ from torch import nn
 
 from megadeep import ops
 from megadeep.config.schema import ModelConfig, RopeScaling
+from megadeep.model.attention import Documents, DocumentSpec, attend
 from megadeep.model.rope import inv_freq_and_scale
-from megadeep.parallel import comm, groups
+from megadeep.parallel import comm, context, groups
 from megadeep.parallel.cross_entropy import mean_loss, vocab_parallel_cross_entropy
 from megadeep.parallel.layers import (
     ColumnParallelLinear,
@@ -89,13 +90,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def rope_at(cos: torch.Tensor, sin: torch.Tensor, seq: int, docs: Documents | None):
+    """The tables for this rank's positions of a ``seq``-long sequence, shaped for ``[b, s, heads, d]``:
+    global positions (the CP slice's, under context parallelism) or, with per-document restarts, each
+    token's position in its document."""
+    if docs is not None and docs.positions is not None:
+        pos = context.split(docs.positions)
+        return cos[pos].unsqueeze(2), sin[pos].unsqueeze(2)
+    if context.world() > 1:
+        pos = context.local_positions(seq, cos.device)
+        cos, sin = cos[pos], sin[pos]
+    return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, std: float, out_std: float, v_std: float):
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, std: float, out_std: float, v_std: float,
+                 cp_attention: str = "auto"):
         super().__init__()
         tp = groups.get_tensor_model_parallel_world_size()
         self.head_dim, self.theta, self.dropout = cfg.head_dim, cfg.rope_theta, cfg.attention_dropout
         self.max_seq_len, self.rope_scaling = cfg.max_seq_len, cfg.rope_scaling
         self.n_heads, self.n_kv_heads = cfg.n_heads // tp, cfg.kv_heads // tp
+        self.cp_attention = context.pick(cp_attention, self.n_kv_heads, context.world())
         hd, sp = cfg.head_dim, sequence_parallel
         q, kv = cfg.n_heads * hd, cfg.kv_heads * hd
         # One matmul for q, k and v: one input all-reduce (or all-gather) instead of three.
@@ -105,21 +121,23 @@ class Attention(nn.Module):
         )
         self.wo = RowParallelLinear(q, cfg.dim, sequence_parallel=sp, init=normal_fill(out_std))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
         q, k, v = self.wqkv(x).split(list(self.wqkv.local_blocks), dim=-1)
-        b, s, _ = q.shape  # s is the full sequence even under sequence parallel (the input is gathered)
-        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cached_rope_tables(s, self.max_seq_len, self.head_dim, self.theta, q.device, q.dtype,
+        # s: this rank's positions — the whole sequence under sequence parallel (the input is gathered),
+        # 1/cp of it under context parallel
+        b, s, _ = q.shape
+        q = q.view(b, s, self.n_heads, self.head_dim)
+        k = k.view(b, s, self.n_kv_heads, self.head_dim)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim)
+        seq = s * context.world()
+        cos, sin = cached_rope_tables(seq, self.max_seq_len, self.head_dim, self.theta, q.device, q.dtype,
                                       self.rope_scaling)
+        cos, sin = rope_at(cos, sin, seq, docs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.dropout if self.training else 0.0
         with get_rng_tracker().fork() if p else contextlib.nullcontext():  # heads differ per TP rank
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=p, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-            )
-        return self.wo(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+            y = attend(q, k, v, docs, self.cp_attention, p)
+        return self.wo(y.reshape(b, s, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -146,7 +164,8 @@ class Block(nn.Module):
     """One decoder layer. Pre-norm by default; with ``deepnorm``, DeepNet's post-norm
     ``x ← norm(α·x + f(x))`` with α = (2L)^¼ and the β = (8L)^-¼ init of value/output/FFN weights."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, sequence_parallel: bool = False, fused: bool = False):
+    def __init__(self, cfg: ModelConfig, layer_id: int, sequence_parallel: bool = False, fused: bool = False,
+                 cp_attention: str = "auto"):
         super().__init__()
         self.layer_id = layer_id
         self.deepnorm, self.dropout, self.sequence_parallel = cfg.deepnorm, cfg.dropout, sequence_parallel
@@ -165,7 +184,7 @@ class Block(nn.Module):
             o_std = down_std = cfg.init_std / math.sqrt(2 * n_layers) if cfg.residual_scaling else cfg.init_std
         sp = sequence_parallel
         self.attention_norm = RMSNorm(d, cfg.norm_eps, sp, fused)
-        self.attention = Attention(cfg, sp, qk_std, o_std, v_std)
+        self.attention = Attention(cfg, sp, qk_std, o_std, v_std, cp_attention)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps, sp, fused)
         self.feed_forward = FeedForward(cfg, sp, fused, up_std, down_std)
 
@@ -176,17 +195,17 @@ class Block(nn.Module):
         with get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext():
             return F.dropout(y, self.dropout)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
         if self.deepnorm:
-            h = self.attention_norm(self.alpha * x + self.drop(self.attention(x)))
+            h = self.attention_norm(self.alpha * x + self.drop(self.attention(x, docs)))
             return self.ffn_norm(self.alpha * h + self.drop(self.feed_forward(h)))
-        h = x + self.drop(self.attention(self.attention_norm(x)))
+        h = x + self.drop(self.attention(self.attention_norm(x), docs))
         return h + self.drop(self.feed_forward(self.ffn_norm(h)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
         if self.checkpointing and self.training:
-            return checkpoint(self._forward, x)
-        return self._forward(x)
+            return checkpoint(self._forward, x, docs)
+        return self._forward(x, docs)
 
 
 class TokenEmbedding(nn.Module):
@@ -205,7 +224,8 @@ class TokenEmbedding(nn.Module):
         return self.embedding.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding(tokens)
+        """``tokens``: whole sequences; under context parallelism this rank embeds its CP slice."""
+        return self.embedding(context.split(tokens))
 
 
 def head_input(h: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
@@ -236,30 +256,45 @@ class OutputHead(nn.Module):
         return F.linear(head_input(h, self.sequence_parallel), self.proj.weight)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int = -100,
+            cp_grad_scale: float = 1.0) -> torch.Tensor:
+    """Mean loss over the whole sequences' tokens. ``targets`` are whole sequences; under context
+    parallelism ``logits`` are this rank's CP slice and the loss is its share of the global mean
+    (``context.loss_share``; ``cp_grad_scale`` for engines that average gradients over CP)."""
+    if context.world() == 1:
+        return mean_loss(vocab_parallel_cross_entropy(logits, targets, vocab_size, ignore_index), targets, ignore_index)
+    targets = context.split(targets)
     per_token = vocab_parallel_cross_entropy(logits, targets, vocab_size, ignore_index)
-    return mean_loss(per_token, targets, ignore_index)
+    return context.loss_share(per_token, targets != ignore_index, cp_grad_scale)
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, sequence_parallel: bool = False):
+    """``documents``: packed samples attend only within their documents (``data.document_mask``);
+    ``cp_attention``: the context-parallel attention variant (``parallel.cp_attention``);
+    ``cp_grad_scale``: see ``lm_loss`` (``ResolvedRun.cp_grad_scale``)."""
+
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool = False, documents: DocumentSpec | None = None,
+                 cp_attention: str = "auto", cp_grad_scale: float = 1.0):
         super().__init__()
-        self.cfg, self.sequence_parallel = cfg, sequence_parallel
+        self.cfg, self.sequence_parallel, self.documents = cfg, sequence_parallel, documents
+        self.cp_grad_scale = cp_grad_scale
         fused = ops.use_fused(cfg.fused_kernels)
         self.tok_embeddings = TokenEmbedding(cfg, sequence_parallel)
-        self.layers = nn.ModuleList(Block(cfg, i, sequence_parallel, fused) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, sequence_parallel, fused, cp_attention) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel, fused)
         self.output = None if cfg.tie_embeddings else OutputHead(cfg, sequence_parallel)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """``tokens``/``targets``: whole sequences [batch, seq] (every CP rank gets the same ones)."""
+        docs = Documents.of(tokens, self.documents) if self.documents else None
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, docs)
         h = self.norm(h)
         logits = tied_logits(self.tok_embeddings, h) if self.output is None else self.output(h)
         if targets is None:
-            return logits  # [batch, seq, padded_vocab / TP]
-        return lm_loss(logits, targets, self.cfg.vocab_size)
+            return logits  # [batch, seq (/CP), padded_vocab / TP]
+        return lm_loss(logits, targets, self.cfg.vocab_size, cp_grad_scale=self.cp_grad_scale)
 
     def init_weights(self, seed: int) -> None:
         init_weights(self, "", seed)

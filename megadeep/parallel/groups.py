@@ -1,8 +1,10 @@
-"""The process groups of a DP×TP×PP run — the only global state in megadeep.
+"""The process groups of a TP×CP×DP×PP run — the only global state in megadeep.
 
 The module itself is what we hand DeepSpeed as ``mpu``: it answers the Megatron-style getters
 DeepSpeed asks for. In DeepSpeed's vocabulary "model parallel" means tensor parallel (it dedups
-TP-replicated parameters in the grad norm and names checkpoint shards ``mp_rank_XX`` by it).
+TP-replicated parameters in the grad norm and names checkpoint shards ``mp_rank_XX`` by it), and
+"sequence parallel" means our context parallel (Ulysses): DeepSpeed reduces gradients and shards ZeRO
+states over the "sequence data parallel" group (our DP×CP), averaging over DP and summing over CP.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ class _Groups:
     dp_ranks: list[int]
     pp_ranks: list[int]
     tp_bytes: Counter = field(default_factory=Counter)  # payload bytes per TP collective type
+    cp: dist.ProcessGroup | None = None  # context parallel (None at CP=1)
+    cp_ranks: list[int] = field(default_factory=list)
+    dp_cp: dist.ProcessGroup | None = None  # DP×CP (the DP group at CP=1)
+    dp_cp_ranks: list[int] = field(default_factory=list)
 
 
 _STATE: _Groups | None = None
@@ -55,6 +61,11 @@ def initialize(layout: Layout) -> None:
     dp, dp_ranks = _mine(layout.dp_groups(), rank)
     pp, pp_ranks = _mine(layout.pp_groups(), rank)
     _STATE = _Groups(layout, rank, tp, dp, pp, tp_ranks, dp_ranks, pp_ranks)
+    if layout.cp > 1:
+        _STATE.cp, _STATE.cp_ranks = _mine(layout.cp_groups(), rank)
+        _STATE.dp_cp, _STATE.dp_cp_ranks = _mine(layout.dp_cp_groups(), rank)
+    else:
+        _STATE.cp_ranks, _STATE.dp_cp, _STATE.dp_cp_ranks = [rank], dp, dp_ranks
 
 
 @contextlib.contextmanager
@@ -66,6 +77,8 @@ def simulate(layout: Layout, rank: int):
         raise RuntimeError("process groups are initialised: a simulated rank would shadow them")
     _STATE = _Groups(layout, rank, None, None, None, *(next(g for g in groups(layout) if rank in g)
                                                        for groups in (Layout.tp_groups, Layout.dp_groups, Layout.pp_groups)))
+    _STATE.cp_ranks = next(g for g in layout.cp_groups() if rank in g)
+    _STATE.dp_cp_ranks = next(g for g in layout.dp_cp_groups() if rank in g)
     try:
         yield
     finally:
@@ -79,7 +92,7 @@ def is_initialized() -> bool:
 def destroy() -> None:
     global _STATE
     if _STATE is not None and dist.is_initialized():
-        for g in (_STATE.tp, _STATE.dp, _STATE.pp):
+        for g in (_STATE.tp, _STATE.dp, _STATE.pp) + ((_STATE.cp, _STATE.dp_cp) if _STATE.cp else ()):
             dist.destroy_process_group(g)
     _STATE = None
 
@@ -158,6 +171,48 @@ def get_pipeline_model_parallel_rank() -> int:
 
 def get_pipeline_model_parallel_group_ranks() -> list[int]:
     return list(_state().pp_ranks)
+
+
+# Context parallel. DeepSpeed calls it "sequence parallel" (Ulysses) and asks for these by name.
+def get_context_parallel_group() -> dist.ProcessGroup | None:
+    return _state().cp
+
+
+def get_context_parallel_world_size() -> int:
+    return _state().layout.cp if _STATE is not None else 1
+
+
+def get_context_parallel_rank() -> int:
+    s = _STATE
+    return s.layout.cp_index(s.rank) if s is not None else 0
+
+
+def get_context_parallel_group_ranks() -> list[int]:
+    return list(_state().cp_ranks)
+
+
+get_sequence_parallel_group = get_context_parallel_group
+get_sequence_parallel_world_size = get_context_parallel_world_size
+get_sequence_parallel_rank = get_context_parallel_rank
+
+
+def get_sequence_data_parallel_group() -> dist.ProcessGroup:
+    """DP×CP: the ranks holding the same weights (gradient reduction, ZeRO partitioning)."""
+    return _state().dp_cp
+
+
+def get_sequence_data_parallel_group_ranks() -> list[int]:
+    return list(_state().dp_cp_ranks)
+
+
+def get_sequence_data_parallel_world_size() -> int:
+    s = _STATE
+    return s.layout.dp * s.layout.cp if s is not None else 1
+
+
+def get_sequence_data_parallel_rank() -> int:
+    s = _state()
+    return s.dp_cp_ranks.index(s.rank)
 
 
 def count_tp_bytes(op: str, nbytes: int) -> None:

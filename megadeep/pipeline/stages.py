@@ -55,7 +55,8 @@ class PipelinedLlama(PipelineModule):
         # DeepSpeed prints its own partition table of class names on rank 0; stage_map() names layers.
         with contextlib.redirect_stdout(io.StringIO()):
             super().__init__(
-                specs, topology=topology, loss_fn=partial(lm_loss, vocab_size=m.vocab_size),
+                specs, topology=topology,
+                loss_fn=partial(lm_loss, vocab_size=m.vocab_size, cp_grad_scale=p.cp),  # see topology()
                 partition_method=p.partition_method,
                 activation_checkpoint_interval=p.pipeline_checkpoint_interval,
                 # ours replays the TP RNG streams, so dropout masks match in the recomputation

@@ -52,6 +52,8 @@ def check_args(args) -> None:
     for flag, value in (("--seq-len", args.seq_len), ("--global-batch", args.global_batch), ("--top", args.top)):
         if value < 1:
             raise ConfigError(f"{flag} must be ≥ 1, got {value}")
+    if min(args.cp) < 1:
+        raise ConfigError(f"--cp sizes must be ≥ 1, got {','.join(map(str, args.cp))}")
     if args.out:
         check_writable_dir(args.out, "--out")
     if args.nvme_path:
@@ -75,7 +77,7 @@ def print_plan(result, w, cluster, top: int) -> None:
         table.add_column(col, justify="right")
     for i, e in enumerate(result.ranked[:top], 1):
         c = e.candidate
-        table.add_row(str(i), str(c.tp), str(c.pp), str(c.dp), c.recipe, str(c.micro_batch), str(e.micro_batches),
+        table.add_row(str(i), str(c.tp) + (f"×CP{c.cp}" if c.cp > 1 else ""), str(c.pp), str(c.dp), c.recipe, str(c.micro_batch), str(e.micro_batches),
                       "full" if c.recompute == "full" else "-", f"{e.memory / gib:.1f}", f"{e.step_s:.2f}",
                       f"{e.tflops_per_gpu:.0f}", f"{e.mfu:.0%}", f"{w.global_batch * w.seq / e.step_s:,.0f}")
     console.print(table)
@@ -171,7 +173,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     calibration = load_calibration(args, w, cluster)
     if calibration is not None:
         cluster = calibration.apply(cluster)
-    result = plan(w, cluster, base, recipes, args.nvme_path, calibration)
+    result = plan(w, cluster, base, recipes, args.nvme_path, calibration, cp_sizes=args.cp)
     print_plan(result, w, cluster, args.top)
     if args.json:
         Path(args.json).write_text(json.dumps(plan_json(result, w, cluster, args.top, args.calibration), indent=1) + "\n")
@@ -202,6 +204,8 @@ def add_plan(sub) -> None:
     p.add_argument("--host-gib", type=float, default=1024, help="CPU memory per node for offloaded states")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--nvme-path", default="", help="also consider ZeRO-3 offload to NVMe at this path")
+    p.add_argument("--cp", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1,),
+                   help="context-parallel sizes to consider, e.g. 1,2,4 (default 1: no CP)")
     p.add_argument("--top", type=int, default=10, help="rows to show")
     p.add_argument("--out", default="", help="write the best layout's run.yaml and ds_config.json here")
     p.add_argument("--json", default="", help="also write the ranking with each layout's time and memory breakdown here")

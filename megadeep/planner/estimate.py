@@ -19,6 +19,7 @@ from megadeep.config.deepspeed import load_recipe, offload_devices, zero_stage
 from megadeep.config.schema import ModelConfig
 from megadeep.model.accounting import (
     backward_gemms,
+    cp_attention_bytes,
     elementwise_bytes,
     flops_per_token,
     head_gemm,
@@ -26,6 +27,7 @@ from megadeep.model.accounting import (
     recompute_flops_per_token,
 )
 from megadeep.pipeline.partition import stage_layers
+from megadeep.parallel.cp_choice import pick
 from megadeep.parallel.layout import Layout
 from megadeep.planner.compute import TableCompute
 from megadeep.planner.hardware import Cluster, GiB
@@ -69,6 +71,7 @@ class Candidate:
     # runs, has no interleaving, so ``megadeep plan`` never proposes v > 1.
     virtual_stages: int = 1
     tp_overlap: bool = False  # TP collectives chunked under the GEMMs (Megatron-Core); megadeep: no
+    cp: int = 1  # context parallel: each rank holds seq/cp of every sequence (attention: parallel.cp_attention=auto)
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ class Estimate:
     def breakdown(self) -> dict:
         """Where the predicted step time and memory go (the table and JSON of ``megadeep plan``)."""
         c = self.candidate
-        return {"layout": {"tp": c.tp, "pp": c.pp, "dp": c.dp, "recipe": c.recipe, "micro_batch": c.micro_batch,
+        return {"layout": {"tp": c.tp, "cp": c.cp, "pp": c.pp, "dp": c.dp, "recipe": c.recipe, "micro_batch": c.micro_batch,
                            "micro_batches": self.micro_batches, "recompute": c.recompute,
                            "sequence_parallel": c.sequence_parallel, "virtual_stages": c.virtual_stages,
                            "tp_overlap": c.tp_overlap},
@@ -169,12 +172,13 @@ class StageTime:
 
 
 def stage_time(w: Workload, c: Candidate, comp, layers: int, last: bool) -> StageTime:
-    m, tokens = w.model, c.micro_batch * w.seq
+    m, tokens = w.model, c.micro_batch * w.seq // c.cp  # this rank's tokens
     gemms = layer_gemms(m, tokens, c.tp)
     g_fwd = sum(comp.gemm_s(g) for g in gemms)
     g_bwd = sum(comp.gemm_s(b) for g in gemms for b in backward_gemms(g))
     elem = comp.elementwise_s(elementwise_bytes(m, tokens, c.tp, c.sequence_parallel, comp.act_bytes))
     a_fwd, a_bwd = comp.attention_s(m, w.seq, c.micro_batch, c.tp, w.flash, m.attention_dropout > 0)
+    a_fwd, a_bwd = a_fwd / c.cp, a_bwd / c.cp  # zig-zag CP: each rank computes 1/cp of the causal pairs
     fwd, bwd = layers * (g_fwd + a_fwd + elem), layers * (g_bwd + a_bwd + 2 * elem)
     recompute = layers * (g_fwd + a_fwd + elem if c.recompute == "full" else 0 if w.flash else a_fwd)
     gemm = layers * (g_fwd * (2 if c.recompute == "full" else 1) + g_bwd)
@@ -199,21 +203,24 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster, compute=None) -> Estim
     m, r = w.model, recipe_facts(c.recipe)
     comp = compute or TableCompute.for_gpu(cluster.gpu, w.precision)
     act_bytes = p_bytes = DTYPE_BYTES[w.precision]
-    n_gpus = c.tp * c.pp * c.dp
+    n_gpus = c.tp * c.pp * c.dp * c.cp
+    zero_ranks = c.dp * c.cp  # ZeRO shards and reduces over DP×CP (CP ranks hold the same weights)
+    cp_method = pick("auto", m.kv_heads // c.tp, c.cp)
     micro_batches = w.global_batch // (c.micro_batch * c.dp)
     tokens = w.global_batch * w.seq
     layers = stage_layers(m, c.tp, c.pp, w.partition_method)
 
     # --- memory of each pipeline stage's ranks; the busiest decides
     numels = stage_param_numels(m, c.tp, c.pp, w.partition_method)
-    shape = ActivationShape(w.seq, c.micro_batch, m, c.tp, c.sequence_parallel, w.flash, act_bytes=act_bytes)
+    shape = ActivationShape(w.seq, c.micro_batch, m, c.tp, c.sequence_parallel, w.flash, act_bytes=act_bytes,
+                            cp=c.cp, cp_gathers_kv=cp_method == "allgather")
     best = None
     for i in range(c.pp):
         n = sum(numels[i])
-        states = model_states(n, r.stage, c.dp, w.precision, persistent_numel(numels[i], r.persistence_threshold))
+        states = model_states(n, r.stage, zero_ranks, w.precision, persistent_numel(numels[i], r.persistence_threshold))
         gpu_states, host = states.total, 0.0
         if r.offload_optimizer != "none":  # fp32 master, moments and fp32 gradient partition leave the GPU
-            host = (states.optimizer + 4 * n / c.dp) if r.offload_optimizer == "cpu" else 0.0
+            host = (states.optimizer + 4 * n / zero_ranks) if r.offload_optimizer == "cpu" else 0.0
             gpu_states -= states.optimizer + states.grads
         if r.offload_param != "none":
             host += states.params if r.offload_param == "cpu" else 0.0
@@ -240,9 +247,9 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster, compute=None) -> Estim
 
     # --- tensor parallel: per sublayer pass an all-reduce, or (sequence parallel) an all-gather and a
     # reduce-scatter, of the layer's activation; forward, backward and the recomputed forward
-    layout = Layout(tp=c.tp, dp=c.dp, pp=c.pp)  # megadeep's rank order decides which groups cross nodes
+    layout = Layout(tp=c.tp, dp=c.dp, pp=c.pp, cp=c.cp)  # megadeep's rank order decides which groups cross nodes
     tp_group = layout.tp_groups()[0]
-    act = w.seq * c.micro_batch * m.dim * act_bytes
+    act = w.seq // c.cp * c.micro_batch * m.dim * act_bytes
     if c.sequence_parallel:
         per_pass = cluster.collective_time("all_gather", act, tp_group) + cluster.collective_time("reduce_scatter", act, tp_group)
     else:
@@ -252,6 +259,15 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster, compute=None) -> Estim
     if c.tp_overlap:  # chunked with the adjacent GEMMs (Megatron-Core's tp_comm_overlap): only the excess shows
         tp_mb = max(0.0, tp_mb - slow.gemm)
     tp_time = micro_batches * tp_mb
+    # context parallel: the attention's all-to-alls (Ulysses) or K/V all-gather, not overlapped; forward,
+    # backward and the recomputed forward (counted with the TP time: both are in-layer collectives)
+    if c.cp > 1:
+        received = cp_attention_bytes(m, w.seq, c.micro_batch, c.tp, c.cp, cp_method, act_bytes)
+        cp_group = layout.cp_groups()[0]
+        n = len(cp_group)
+        # an all-to-all moves (n-1)/n of its tensor per rank like an all-gather: priced as one, whole tensor
+        tensor = received * n / (n - 1)
+        tp_time += micro_batches * max(layers) * passes * cluster.collective_time("all_gather", tensor, cp_group) / 2
 
     # --- pipeline: blocking sends of each micro-batch's activation forward and its gradient back, per
     # model chunk. Sequence-parallel activations are already 1/TP per rank; otherwise DeepSpeed's engine
@@ -270,7 +286,7 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster, compute=None) -> Estim
 
     # --- data parallel / ZeRO, overlapped with backward where the runtime does (DeepSpeed's overlap_comm;
     # never under the pipeline engine, which reduces after the flush)
-    dp_group = layout.dp_groups()[0]
+    dp_group = layout.dp_cp_groups()[0]
     grads = n_stage * p_bytes
     rs = cluster.collective_time("reduce_scatter", grads, dp_group)
     ag = cluster.collective_time("all_gather", grads, dp_group)
@@ -287,7 +303,7 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster, compute=None) -> Estim
         dp_time = micro_batches * (max(0.0, per_mb - (slow.forward + backward)) if overlap else per_mb)
 
     # --- optimizer step and offload traffic
-    partition = n_stage / (c.dp if r.stage >= 1 else 1)
+    partition = n_stage / (zero_ranks if r.stage >= 1 else 1)
     optimizer = 0.0 if r.offload_optimizer != "none" else comp.elementwise_s(partition * adam_bytes_moved(w.precision))
     if w.precision == "bf16" and r.stage <= 1:  # DeepSpeed's BF16_Optimizer adds every micro-batch's bf16
         # gradients into fp32 accumulators (read both, write fp32)

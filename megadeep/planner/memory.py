@@ -70,5 +70,5 @@ def rank_model_states(cfg, zero_stage: int, persistence_threshold: int, pp_rank:
     persistence threshold are the resolved run's, read from its recipe once)."""
     p = cfg.parallel
     numels = stage_param_numels(cfg.model, p.tp, p.pp, p.partition_method)[pp_rank]
-    return model_states(sum(numels), zero_stage, p.dp, cfg.train.precision,
+    return model_states(sum(numels), zero_stage, p.dp * p.cp, cfg.train.precision,  # ZeRO shards over DP×CP
                         persistent=persistent_numel(numels, persistence_threshold))

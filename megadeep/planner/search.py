@@ -41,7 +41,7 @@ def run_config(base: RunConfig, w: Workload, c: Candidate, nvme_path: str = "") 
     cfg = copy.deepcopy(base)
     cfg.model = copy.deepcopy(w.model)
     cfg.model.activation_checkpointing = c.recompute == "full"
-    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp = c.tp, c.pp, 0
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.cp = c.tp, c.pp, 0, c.cp
     cfg.parallel.sequence_parallel = c.sequence_parallel
     cfg.train.seq_len, cfg.train.precision = w.seq, w.precision
     cfg.train.micro_batch_size, cfg.train.global_batch_size, cfg.train.grad_accum_steps = c.micro_batch, w.global_batch, 0
@@ -55,17 +55,21 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(w: Workload, cluster: Cluster, recipes=RECIPES):
+def candidates(w: Workload, cluster: Cluster, recipes=RECIPES, cp_sizes=(1,)):
+    """``cp_sizes``: context-parallel sizes to consider (``megadeep plan --cp``; CP is for sequences
+    whose activations do not fit otherwise, so the default plans without it)."""
     world = cluster.world_size
     for tp in (d for d in divisors(world) if d <= cluster.gpus_per_node):
-        for pp in (d for d in divisors(world // tp) if d <= w.model.n_layers):
-            dp = world // (tp * pp)
-            if w.global_batch % dp:
-                continue
-            for b in (b for b in MICRO_BATCHES if (w.global_batch // dp) % b == 0):
-                for recipe in recipes:
-                    for recompute in ("selective", "full"):
-                        yield Candidate(tp, pp, dp, recipe, b, recompute, tp > 1 and w.seq % tp == 0)
+        for cp in (c for c in cp_sizes if (world // tp) % c == 0 and (c == 1 or w.seq % (2 * c) == 0)):
+            for pp in (d for d in divisors(world // (tp * cp)) if d <= w.model.n_layers):
+                dp = world // (tp * cp * pp)
+                if w.global_batch % dp:
+                    continue
+                for b in (b for b in MICRO_BATCHES if (w.global_batch // dp) % b == 0):
+                    for recipe in recipes:
+                        for recompute in ("selective", "full"):
+                            yield Candidate(tp, pp, dp, recipe, b, recompute,
+                                            tp > 1 and (w.seq // cp) % tp == 0, cp=cp)
 
 
 @dataclass
@@ -75,12 +79,13 @@ class Plan:
     too_big: int = 0
 
 
-def plan(w: Workload, cluster: Cluster, base: RunConfig, recipes=RECIPES, nvme_path: str = "", compute=None) -> Plan:
+def plan(w: Workload, cluster: Cluster, base: RunConfig, recipes=RECIPES, nvme_path: str = "", compute=None,
+         cp_sizes=(1,)) -> Plan:
     """Every legal candidate that fits, fastest first; ``compute``: a Calibration instead of the tables."""
     out = Plan()
     legal: dict[tuple, bool] = {}
-    for c in candidates(w, cluster, recipes):
-        key = (c.tp, c.pp, c.micro_batch, c.recipe)
+    for c in candidates(w, cluster, recipes, cp_sizes):
+        key = (c.tp, c.pp, c.micro_batch, c.recipe, c.cp)
         if key not in legal:
             try:
                 resolve(run_config(base, w, c, nvme_path), cluster.world_size, require_data=False)

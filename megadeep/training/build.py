@@ -32,15 +32,15 @@ def build_model(run: ResolvedRun, device: torch.device, ds_config: dict | None =
     if run.zero_stage == 3 and device.type != "meta":
         import deepspeed
 
-        # partitioned over DP only (zero.Init ignores mpu's groups); mem_efficient_linear off: it swaps
-        # F.linear for its own autograd function
+        # partitioned over DP×CP (DP at CP=1), the group the engine shards and reduces over (zero.Init
+        # ignores mpu's groups); mem_efficient_linear off: it swaps F.linear for its own autograd function
         with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=groups, mem_efficient_linear=False,
-                                 data_parallel_group=groups.get_data_parallel_group()), deferred_init():
-            model = Transformer(cfg.model, sp)
+                                 data_parallel_group=groups.get_sequence_data_parallel_group()), deferred_init():
+            model = Transformer(cfg.model, sp, run.documents, run.cp_attention, run.cp_grad_scale)
         init_weights(model, "", cfg.train.seed)
         return model
     with torch.device("meta"):
-        model = Transformer(cfg.model, sp)
+        model = Transformer(cfg.model, sp, run.documents, run.cp_attention, run.cp_grad_scale)
     if device.type != "meta":
         materialize(model, {"": model}, device, cfg.train.seed)
     return model

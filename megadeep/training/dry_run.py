@@ -16,6 +16,7 @@ import torch
 from megadeep.errors import ConfigError
 from megadeep.parallel import groups
 from megadeep.planner.hardware import GPUS, GiB
+from megadeep.model.accounting import cp_attention_bytes
 from megadeep.planner.memory import DTYPE_BYTES, ActivationShape, model_states, persistent_numel, stage_activation_bytes
 from megadeep.training.optimizer import ADAM_NAMES
 from megadeep.training.run import ResolvedRun
@@ -49,10 +50,12 @@ def describe(run: ResolvedRun, rank: int, gpu: str = "H100-80", gpus_per_node: i
     modules, layer_names = rank_modules(run, rank)
     numels = [q.numel() for mod in modules.values() for q in mod.parameters()]
     n = sum(numels)
-    states = model_states(n, run.zero_stage, p.dp, t.precision, persistent_numel(numels, run.persistence_threshold))
+    # ZeRO shards over DP×CP (CP ranks hold the same weights)
+    states = model_states(n, run.zero_stage, p.dp * p.cp, t.precision, persistent_numel(numels, run.persistence_threshold))
     n_layers = sum(1 for name in layer_names if name.startswith("layers"))
     act_bytes = DTYPE_BYTES[t.precision]
-    shape = ActivationShape(t.seq_len, t.micro_batch_size, m, p.tp, p.sequence_parallel, act_bytes=act_bytes)
+    shape = ActivationShape(t.seq_len, t.micro_batch_size, m, p.tp, p.sequence_parallel, act_bytes=act_bytes,
+                            cp=p.cp, cp_gathers_kv=run.cp_attention == "allgather")
     recompute = "full" if m.activation_checkpointing or p.pipeline_checkpoint_interval else "none"
     in_flight = min(p.pp - c.pp, t.grad_accum_steps)
     acts = stage_activation_bytes(shape, n_layers, in_flight, recompute, c.pp == 0, c.pp == p.pp - 1)
@@ -69,7 +72,9 @@ def describe(run: ResolvedRun, rank: int, gpu: str = "H100-80", gpus_per_node: i
         gpu_states -= states.params
     capacity = GPUS[gpu].memory
     lines = [
-        f"rank {rank} of {layout.world_size}: TP {c.tp}/{p.tp}, DP {c.dp}/{p.dp}, PP {c.pp}/{p.pp}, "
+        f"rank {rank} of {layout.world_size}: TP {c.tp}/{p.tp}, "
+        + (f"CP {layout.cp_index(rank)}/{p.cp} ({run.cp_attention}), " if p.cp > 1 else "")
+        + f"DP {c.dp}/{p.dp}, PP {c.pp}/{p.pp}, "
         f"node {rank // gpus_per_node}, local rank {local}",
         f"layers: {', '.join(layer_names)}" if len(layer_names) < 8 else
         f"layers: {layer_names[0]} … {layer_names[-1]} ({n_layers} decoder blocks)",
@@ -77,6 +82,9 @@ def describe(run: ResolvedRun, rank: int, gpu: str = "H100-80", gpus_per_node: i
         f"ZeRO stage {run.zero_stage} ({cfg.deepspeed.config}), offload {offload}, {t.precision}: "
         f"params {states.params:,.0f} B, grads {states.grads:,.0f} B, optimizer {states.optimizer:,.0f} B",
         f"activations (peak, {in_flight} micro-batch(es) in flight, recompute={recompute}): {acts:,.0f} B",
+        *([f"context parallel: {run.cp_attention} attention receives "
+           f"{cp_attention_bytes(m, t.seq_len, t.micro_batch_size, p.tp, p.cp, run.cp_attention, act_bytes):,.0f} B "
+           "per layer forward (as much again in backward)"] if p.cp > 1 else []),
         f"on the GPU (states + activations, before buffers): {(gpu_states + acts) / GiB:.1f} GiB of {gpu}'s "
         f"{capacity / GiB:.0f} GiB",
         f"adam: {ADAM_NAMES[run.adam]}; clipping by {'megadeep' if run.megadeep_clips else 'DeepSpeed'}",

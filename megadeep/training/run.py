@@ -12,6 +12,8 @@ import torch
 
 from megadeep.config.deepspeed import compose, load_recipe, megadeep_clips, offload_devices, zero_stage
 from megadeep.config.schema import RunConfig
+from megadeep.model.attention import DocumentSpec
+from megadeep.parallel.cp_choice import pick
 from megadeep.parallel.layout import Layout
 from megadeep.training.optimizer import apex_fused_adam, resolve_adam
 
@@ -27,6 +29,20 @@ class ResolvedRun:
     device_type: str  # cuda | cpu
     adam: str  # a deepspeed.optimizer key other than auto (see ``training.optimizer.resolve_adam``)
     megadeep_clips: bool  # fp32 without ZeRO: megadeep clips by the global norm, else DeepSpeed does
+    cp_attention: str = "ulysses"  # the context-parallel attention (parallel.cp_attention with auto decided)
+    documents: DocumentSpec | None = None  # data.document_mask: where packed documents end
+
+    @property
+    def cp_grad_scale(self) -> float:
+        """How the CP loss share is scaled (``context.loss_share``): DeepSpeed's engine and ZeRO 1/2 sum
+        gradients over CP (its Ulysses convention); the pipeline engine (data axis = DP×CP) and ZeRO-3's
+        reduce-scatter (pinned in ``compose``) average over DP×CP."""
+        return float(self.layout.cp) if self.pipelined or self.zero_stage == 3 else 1.0
+
+    @property
+    def describe_cp(self) -> str:
+        """For the start-up line."""
+        return f" CP={self.layout.cp} ({self.cp_attention})" if self.layout.cp > 1 else ""
 
     @property
     def pipelined(self) -> bool:
@@ -52,5 +68,7 @@ def resolve_run(cfg: RunConfig, device_type: str) -> ResolvedRun:
     here = device_type == "cuda" and torch.cuda.is_available()
     apex = apex_fused_adam() is not None if here else cfg.deepspeed.optimizer == "apex_fused"
     adam = resolve_adam(cfg.deepspeed.optimizer, opt != "none", device_type, device_type == "cuda" and apex)
-    return ResolvedRun(cfg, Layout(tp=p.tp, dp=p.dp, pp=p.pp), recipe, stage, opt, param, device_type, adam,
-                       megadeep_clips(cfg, recipe))
+    d = cfg.data
+    documents = DocumentSpec(d.document_sep, d.document_positions) if d.document_mask else None
+    return ResolvedRun(cfg, Layout(tp=p.tp, dp=p.dp, pp=p.pp, cp=p.cp), recipe, stage, opt, param, device_type, adam,
+                       megadeep_clips(cfg, recipe), pick(p.cp_attention, cfg.model.kv_heads // p.tp, p.cp), documents)

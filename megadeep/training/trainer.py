@@ -108,7 +108,7 @@ class Trainer:
             config=ds_config, mpu=mpu,
             lr_scheduler=lr_scheduler(cfg.train.steps, o.warmup_steps, o.lr, o.min_lr),
         )
-        skip_identity_allreduce(self.engine, p.dp)
+        skip_identity_allreduce(self.engine, p.dp * p.cp)
         self.clip = ClipByGlobalNorm(optimizer, model.parameters(), o.grad_clip) if run.megadeep_clips else None
         dp_rank, dp = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
         t = cfg.train
@@ -124,7 +124,7 @@ class Trainer:
             n: p for n, p in model.named_parameters() if p.requires_grad}
         self.checkpoints = CheckpointManager(cfg, self.engine, params, self.device.type)
         if self.rank == 0 and cfg.log.progress:
-            print(f"megadeep: {cfg.name} | layout TP={p.tp} DP={p.dp} PP={p.pp} | "
+            print(f"megadeep: {cfg.name} | layout TP={p.tp}{run.describe_cp} DP={p.dp} PP={p.pp} | "
                   f"{num_params(cfg.model) / 1e6:.2f}M params | optimizer {self.optimizer_name} | device {self.device}", flush=True)
             if self.pipelined:
                 print(model.stage_map(), flush=True)

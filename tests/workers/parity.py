@@ -1,8 +1,10 @@
 """Train several layouts in one launch (same seed, same data) and record per-step loss and grad norm.
 
 argv: OUT.json TEXT_FILE SPEC [SPEC ...],
-SPEC = "tp=2,zero=1[,pp=2][,sp][,untied][,ckpt][,layers=4][,warmup=5][,uniform|blocks][,pckpt=K][,drop][,resume=K][,fused=on|off][,qwen]"
-(DP is what is left; pckpt: pipeline activation checkpointing every K layers; drop: dropout 0.1).
+SPEC = "tp=2,zero=1[,pp=2][,sp][,untied][,ckpt][,layers=4][,warmup=5][,uniform|blocks][,pckpt=K][,drop][,resume=K][,fused=on|off][,qwen]
+[,cp=2][,cpa=ulysses|allgather][,docs|docpos]"
+(DP is what is left; pckpt: pipeline activation checkpointing every K layers; drop: dropout 0.1; docs:
+document masking, docpos: with per-document RoPE positions).
 ``resume=K`` saves a DeepSpeed checkpoint after K steps and trains the rest in a fresh engine loaded
 from it. Pipeline layouts also record how far the tied embedding's stage copies drifted apart.
 Used as a plain single process (the reference) or under torchrun.
@@ -43,6 +45,10 @@ SPEC_ITEMS = {
     "drop": ["model.dropout=0.1", "model.attention_dropout=0.1"],
     "qwen": ["model.qkv_bias=true", "model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
              "model.rope_scaling.original_max_position_embeddings=8"],  # q/k/v biases + scaled RoPE
+    "cp": ["parallel.cp={}"],
+    "cpa": ["parallel.cp_attention={}"],
+    "docs": ["data.document_mask=true"],
+    "docpos": ["data.document_mask=true", "data.document_positions=true"],
     "resume": [],  # not a config key: see train_layout
 }
 
