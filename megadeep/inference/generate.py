@@ -96,7 +96,7 @@ def forward(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, v
     b, s = tokens.shape
     start = cache.length if cache is not None else 0
     cos, sin = cached_rope_tables(int(positions.max()) + 1, cfg.max_seq_len, cfg.head_dim, cfg.rope_theta,
-                                  tokens.device, model.tok_embeddings.weight.dtype)
+                                  tokens.device, model.tok_embeddings.weight.dtype, cfg.rope_scaling)
     cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [b, 1, s, head_dim]
     slot = torch.arange(start + s, device=tokens.device)
     query = slot[start:, None]
