@@ -1,7 +1,8 @@
 """``megadeep launch slurm`` against a real SLURM: two nodes (n1, n2) × 2 CPU ranks, gloo, TP=2 × DP=2.
 
 1. the generated script trains, and the ranks' own report puts each TP pair on one node;
-2. USR1 mid-run → checkpoint, requeue, resume: every step exactly once, losses equal to run 1's;
+2. USR1 to the batch shell mid-run → checkpoint, requeue, resume: every step exactly once, losses equal to
+   run 1's; USR1s during the save and during the exit of both runs change nothing;
 3. the same run with ``--launcher mpi`` (srun --mpi=pmi2, ranks from mpi4py) gives the same losses;
 4. a layout that does not fit the allocation is refused and nothing reaches the queue.
 """
@@ -91,23 +92,51 @@ def test_generated_script_trains_2x2_with_tp_pairs_on_one_node(reference):
     assert last < first - 0.5, (first, last)  # it learns: ~5.5 at the start of bytes of English
 
 
-def test_usr1_checkpoints_requeues_and_resumes_without_losing_or_repeating_a_step(slurm_cluster, reference,
-                                                                                   tmp_path):
-    job_id, log, metrics = submit(slurm_cluster, tmp_path, "preempted")
-    deadline = time.time() + 240
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # past step 2: handlers are in
+def wait_for(what, job_id, cluster, log, timeout=240, states=("PENDING", "RUNNING")):
+    deadline = time.time() + timeout
+    while not what():
         assert time.time() < deadline, read_log(log)[-3000:]
-        assert slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), read_log(log)[-3000:]
-        time.sleep(0.2)
-    slurm_cluster.run("scancel", "--signal=USR1", str(job_id))  # what --signal=USR1@grace sends at the limit
-    job = slurm_cluster.wait_job(job_id, timeout=300,
-                                 until=lambda j: j["JobState"] == "COMPLETED" or j["JobState"] in ("FAILED", "CANCELLED", "TIMEOUT"))
-    text = read_log(log)
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, text[-4000:])
+        assert cluster.job(job_id)["JobState"] in states, (cluster.job(job_id), read_log(log)[-3000:])
+        time.sleep(0.1)
 
-    stopped = int(re.search(r"saving a checkpoint after step (\d+) and stopping", text).group(1))
+
+def usr1_storm(cluster, job_id, *flags, until, timeout=120):
+    """USR1 every 20 ms until ``until()``; returns how many were delivered. scancel retries a job that
+    is being requeued for up to a minute and would signal the next start: it gets 2 s here."""
+    deadline, sent = time.time() + timeout, 0
+    while not until():
+        assert time.time() < deadline, f"still sending USR1 after {timeout} s"
+        cmd = ("timeout", "2", "scancel", *flags, "--signal=USR1", str(job_id))
+        sent += cluster.run(*cmd, check=False).returncode == 0
+        time.sleep(0.02)
+    return sent
+
+
+def test_usr1_in_every_phase_requeues_once_and_never_fails_the_job(slurm_cluster, reference, tmp_path):
+    """USR1 to the batch shell only (as --signal=B:USR1@... sends it) mid-run; then USR1 to the ranks
+    without pause from the moment the save starts until the job is requeued (a second USR1 during the
+    save, USR1 while ranks exit); after the requeue, USR1 to shell and ranks from the last step's
+    record until the job has ended (USR1 during exit). One requeue, COMPLETED, every step once."""
+    job_id, log, metrics = submit(slurm_cluster, tmp_path, "preempted")
+    lines = lambda: metrics.read_text().count("\n") if metrics.exists() else 0  # noqa: E731
+    wait_for(lambda: lines() >= 2, job_id, slurm_cluster, log)  # past step 2: handlers are in
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job_id))  # the shell alone: it must forward
+    wait_for(lambda: "saving a checkpoint after step" in read_log(log), job_id, slurm_cluster, log, timeout=60)
+    during_save = usr1_storm(slurm_cluster, job_id, until=lambda: "requeueing job" in read_log(log))
+    wait_for(lambda: f'"step": {STEPS},' in (metrics.read_text()), job_id, slurm_cluster, log,
+             states=("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD"))
+    during_exit = usr1_storm(slurm_cluster, job_id, "--full",
+                             until=lambda: slurm_cluster.job(job_id)["JobState"] not in ("RUNNING", "COMPLETING"))
+    job = slurm_cluster.wait_job(job_id, timeout=60)
+    text = read_log(log)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1" and job["ExitCode"] == "0:0", (job, text[-4000:])
+    assert during_save >= 1 and during_exit >= 1, (during_save, during_exit)
+
+    stopped = int(re.search(r"SIGUSR1 received; saving a checkpoint after step (\d+) and stopping", text).group(1))
     assert 2 <= stopped < STEPS
-    assert "requeueing job" in text and re.search(rf"job {job_id} start .*, restart 1,", text)
+    assert text.count("saving a checkpoint after step") == 1, "a USR1 during the save or the exit stopped it again"
+    assert "step ended with status 75 " in text and "requeueing job" in text
+    assert re.search(rf"job {job_id} start .*, restart 1,", text)
     assert re.search(rf"resumed from .*step_0*{stopped} at step {stopped}$", text, re.M), text[-3000:]
     check_rank_map(text, "slurm")
     losses = step_losses(metrics)
