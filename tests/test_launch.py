@@ -82,6 +82,14 @@ def launch(tmp_path, *args):
     (["--nodes", "1", "--gpus-per-node", "4", "parallel.pp=3"], "not divisible by parallel.tp × parallel.pp"),
     (["--nodes", "0", "--gpus-per-node", "4"], "must be ≥ 1"),
     (["--nodes", "1", "--gpus-per-node", "4", "--container-image", "x", "--apptainer", "y"], "pick one"),
+    # what would fail on every rank after the wait in the queue
+    (["--nodes", "1", "--gpus-per-node", "2"], "data.corpus=shakespeare is not prepared"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--prepare-data", "checkpoint.dir=/etc/passwd/ckpt"],
+     "checkpoint.dir='/etc/passwd/ckpt' cannot be created"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--prepare-data", "--container-image", "/nonexistent/m.sqsh"],
+     "--container-image '/nonexistent/m.sqsh' does not exist"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--prepare-data", "--apptainer", "/nonexistent/m.sif"],
+     "--apptainer '/nonexistent/m.sif' does not exist"),
 ])
 def test_cli_refuses_in_one_line_and_writes_nothing(tmp_path, args, says):
     proc = launch(tmp_path, *args, "--submit")
@@ -91,7 +99,7 @@ def test_cli_refuses_in_one_line_and_writes_nothing(tmp_path, args, says):
 
 
 def script_for(tmp_path, *args) -> str:
-    proc = launch(tmp_path, *args)
+    proc = launch(tmp_path, *args, "--prepare-data")  # tiny.yaml's corpus is not prepared in tmp_path
     assert proc.returncode == 0, proc.stderr
     script = tmp_path / "out" / "job.sbatch"
     subprocess.run(["bash", "-n", str(script)], check=True)  # it parses as a shell script
@@ -108,7 +116,9 @@ def test_gpu_script(tmp_path):
                  "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
                  "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}",
                  "export CUDA_DEVICE_MAX_CONNECTIONS=1", '    scontrol requeue "$SLURM_JOB_ID"',
-                 f"    {sys.executable} -m megadeep train {tmp_path}/out/config.json"]:
+                 f"    {sys.executable} -m megadeep train {tmp_path}/out/config.json",
+                 f"    {sys.executable} -m megadeep data prepare {tmp_path}/out/config.json || exit 2",
+                 "srun --nodes=1 --ntasks=1 \\"]:
         assert any(got.startswith(line) for got in text.splitlines()), line
     assert "#   node 1: rank 2 (tp=0 dp=1 pp=0), rank 3 (tp=1 dp=1 pp=0)" in text
     assert "ssh" not in text and "pdsh" not in text and "--mpi" not in text
@@ -121,13 +131,15 @@ def test_cpu_tp1_and_container_scripts(tmp_path):
                       "train.global_batch_size=32", "--launcher", "mpi")
     assert "#SBATCH --gpus-per-node" not in text and "NCCL" not in text and "CUDA_DEVICE_MAX_CONNECTIONS" not in text
     assert "srun --wait=60 --distribution=block --mpi=pmi2" in text and "export MEGADEEP_LAUNCHER=mpi" in text
-    text = script_for(tmp_path, "--nodes", "1", "--gpus-per-node", "4", "--container-image", "/images/megadeep.sqsh",
+    (tmp_path / "megadeep.sqsh").touch()
+    (tmp_path / "megadeep.sif").touch()
+    text = script_for(tmp_path, "--nodes", "1", "--gpus-per-node", "4", "--container-image", f"{tmp_path}/megadeep.sqsh",
                       "--container-mounts", "/data:/data")
-    assert (f"--container-image=/images/megadeep.sqsh --container-mounts={tmp_path}:{tmp_path},/data:/data "
+    assert (f"--container-image={tmp_path}/megadeep.sqsh --container-mounts={tmp_path}:{tmp_path},/data:/data "
             f"--container-workdir={tmp_path}") in text
     assert f"    python -m megadeep train {tmp_path}/out/config.json" in text
-    text = script_for(tmp_path, "--nodes", "1", "--gpus-per-node", "4", "--apptainer", "/images/megadeep.sif")
-    assert f"    apptainer exec --nv --bind {tmp_path}:{tmp_path} /images/megadeep.sif python -m megadeep train" in text
+    text = script_for(tmp_path, "--nodes", "1", "--gpus-per-node", "4", "--apptainer", f"{tmp_path}/megadeep.sif")
+    assert f"    apptainer exec --nv --bind {tmp_path}:{tmp_path} {tmp_path}/megadeep.sif python -m megadeep train" in text
 
 
 def test_usr1_handler_keeps_the_request_until_cleared():

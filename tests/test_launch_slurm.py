@@ -4,7 +4,8 @@
 2. USR1 to the batch shell mid-run → checkpoint, requeue, resume: every step exactly once, losses equal to
    run 1's; USR1s during the save and during the exit of both runs change nothing;
 3. the same run with ``--launcher mpi`` (srun --mpi=pmi2, ranks from mpi4py) gives the same losses;
-4. a layout that does not fit the allocation is refused and nothing reaches the queue.
+4. a layout that does not fit the allocation, an unprepared corpus or an unwritable checkpoint dir is
+   refused and nothing reaches the queue.
 """
 import json
 import re
@@ -122,7 +123,7 @@ def test_usr1_in_every_phase_requeues_once_and_never_fails_the_job(slurm_cluster
     wait_for(lambda: lines() >= 2, job_id, slurm_cluster, log)  # past step 2: handlers are in
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job_id))  # the shell alone: it must forward
     wait_for(lambda: "saving a checkpoint after step" in read_log(log), job_id, slurm_cluster, log, timeout=60)
-    during_save = usr1_storm(slurm_cluster, job_id, until=lambda: "requeueing job" in read_log(log))
+    during_save = usr1_storm(slurm_cluster, job_id, until=lambda: "step ended with status" in read_log(log))
     wait_for(lambda: f'"step": {STEPS},' in (metrics.read_text()), job_id, slurm_cluster, log,
              states=("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD"))
     during_exit = usr1_storm(slurm_cluster, job_id, "--full",
@@ -165,6 +166,8 @@ def test_invalid_layouts_are_refused_before_submission(slurm_cluster, tmp_path):
         (["parallel.tp=2", "train.global_batch_size=24", "--gpus-per-node", "3"], "TP group of ranks 2-3"),
         (["parallel.tp=4", "model.n_kv_heads=4", "--gpus-per-node", "2"], "would span nodes"),
         (["parallel.dp=4", "--gpus-per-node", "2"], "world size is 4"),
+        (["--gpus-per-node", "2", f"data.cache_dir={tmp_path}/cache"], "data.corpus=shakespeare is not prepared"),
+        (["--gpus-per-node", "2", "--prepare-data", "checkpoint.dir=/etc/passwd/c"], "checkpoint.dir='/etc/passwd/c'"),
     ]:
         proc = launch(slurm_cluster, tmp_path, *args, "--nodes", "2", "--cpu", "--submit", "--out", "out")
         assert proc.returncode == 2 and says in proc.stderr, (args, proc.stderr)

@@ -16,7 +16,7 @@ from megadeep.errors import ConfigError
 def cmd_slurm(args: argparse.Namespace) -> int:
     from megadeep.config import dump_json, load_config, resolve
     from megadeep.launch.placement import check_placement, planned_rank_map
-    from megadeep.launch.slurm import SlurmJob, render, submit
+    from megadeep.launch.slurm import SlurmJob, check_before_submit, render, submit
     from megadeep.training.run import resolve_run
 
     workdir = Path(args.workdir).resolve()
@@ -44,12 +44,13 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     if not cfg.checkpoint.dir:
         cfg.checkpoint.dir = str(out / "checkpoints")
         print(f"note: checkpoint.dir was not set; the time-limit checkpoint goes to {cfg.checkpoint.dir}")
+    check_before_submit(job, cfg, args.prepare_data)
     print(planned_rank_map(layout, job.nodes, job.per_node))
     out.mkdir(parents=True, exist_ok=True)
     config_path, script = out / "config.json", out / "job.sbatch"
     dump_json(cfg, config_path)
     command = shlex.join(["megadeep", *sys.argv[1:]]) if sys.argv[1:2] == ["launch"] else "megadeep launch slurm"
-    script.write_text(render(job, cfg, str(config_path), str(out / "slurm-%j.out"), command))
+    script.write_text(render(job, cfg, str(config_path), str(out / "slurm-%j.out"), command, args.prepare_data))
     print(f"wrote {script} (run config {config_path})")
     if args.submit:
         print(f"submitted job {submit(script)}; log {out}/slurm-<jobid>.out")
@@ -100,6 +101,8 @@ def add_launch(sub) -> None:
     p.add_argument("--workdir", default=".", help="directory the job runs in (default: here)")
     p.add_argument("--out", default="", help="where the script, config and logs go (default runs/NAME/slurm)")
     p.add_argument("--submit", action="store_true", help="sbatch the script after writing it")
+    p.add_argument("--prepare-data", action="store_true",
+                   help="the job prepares data.corpus before the ranks start (default: it must be prepared already)")
     p.set_defaults(func=cmd_slurm)
 
     h = kinds.add_parser("hostfile", help="a DeepSpeed hostfile from the SLURM allocation")

@@ -122,8 +122,34 @@ def _env_lines(job: SlurmJob, layout: Layout) -> list[str]:
     return lines
 
 
-def _srun_line(job: SlurmJob, config: str) -> str:
+def _is_local_image(ref: str) -> bool:
+    """A file path, not a registry reference (``nvcr.io#nvidia/pytorch:24.01-py3``, ``docker://...``)."""
+    return "://" not in ref and "#" not in ref and (ref.startswith(("/", ".", "~")) or ref.endswith((".sqsh", ".sif")))
+
+
+def check_before_submit(job: SlurmJob, cfg: RunConfig, prepare_data: bool) -> None:
+    """What would otherwise fail on every rank after the wait in the queue: data that is not prepared
+    (and will not be by the script's first step), a checkpoint dir that cannot be written, a container
+    image file that is not there."""
+    from megadeep.config.validate import check_writable_dir
+    from megadeep.data.prepare import prepare_data as ready_data
+
+    for flag, image in (("--container-image", job.container_image), ("--apptainer", job.apptainer)):
+        if image and _is_local_image(image) and not Path(image).expanduser().is_file():
+            raise ConfigError(f"{flag} '{image}' does not exist; give the image file on shared storage")
+    if cfg.checkpoint.dir:
+        check_writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
+    if not prepare_data:
+        try:
+            ready_data(cfg, build=False)
+        except ConfigError as e:  # DataError too
+            raise ConfigError(f"{e} (or pass --prepare-data: the job prepares it before the ranks start)") from None
+
+
+def _srun_line(job: SlurmJob, config: str, command: str = "train") -> str:
     srun = ["srun", f"--wait={SRUN_WAIT_S}", "--distribution=block"]
+    if command != "train":  # a one-off step on the first node
+        srun = ["srun", "--nodes=1", "--ntasks=1"]
     if job.launcher == "mpi":
         srun.append("--mpi=pmi2")
     mounts = [f"{job.workdir}:{job.workdir}", *job.container_mounts]
@@ -133,11 +159,12 @@ def _srun_line(job: SlurmJob, config: str) -> str:
                  f"--container-workdir={job.workdir}"]
     elif job.apptainer:
         prefix = ["apptainer", "exec", *(["--nv"] if not job.cpu else []), "--bind", ",".join(mounts), job.apptainer]
-    cmd = [*prefix, job.python, "-m", "megadeep", "train", config]
+    cmd = [*prefix, job.python, "-m", "megadeep", *command.split(), config]
     return " \\\n    ".join([shlex.join(srun), shlex.join(cmd)])
 
 
-def render(job: SlurmJob, cfg: RunConfig, config_path: str, log_path: str, command: str) -> str:
+def render(job: SlurmJob, cfg: RunConfig, config_path: str, log_path: str, command: str,
+           prepare_data: bool = False) -> str:
     """The batch script for the resolved ``cfg``, saved at ``config_path``."""
     job.check()
     p = cfg.parallel
@@ -165,6 +192,8 @@ def render(job: SlurmJob, cfg: RunConfig, config_path: str, log_path: str, comma
         'echo "megadeep: job $SLURM_JOB_ID start $(date -Is), restart ${SLURM_RESTART_COUNT:-0}, '
         'nodes $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"',
         "",
+        *(["# First step: make the token data ready once (a rank never builds it while the others wait).",
+           _srun_line(job, config_path, "data prepare") + " || exit 2", ""] if prepare_data else []),
         "# One task per rank, placed in blocks (node i holds ranks i×per_node ...), which keeps each TP",
         "# group on one node. Each task runs the trainer directly; it reads its rank from SLURM.",
         "# srun runs in the background so that this shell can take signals while it waits: without a trap,",
