@@ -2,7 +2,8 @@
 
 1. the generated script trains, and the ranks' own report puts each TP pair on one node;
 2. USR1 to the batch shell mid-run → checkpoint, requeue, resume: every step exactly once, losses equal to
-   run 1's; USR1s during the save and during the exit of both runs change nothing;
+   run 1's; USR1s during the save and during the exit change nothing; an ``scontrol requeue`` repeats the
+   steps after the last checkpoint, and the restart records make readers count each once;
 3. the same run with ``--launcher mpi`` (srun --mpi=pmi2, ranks from mpi4py) gives the same losses;
 4. a layout that does not fit the allocation, an unprepared corpus or an unwritable checkpoint dir is
    refused and nothing reaches the queue.
@@ -113,39 +114,70 @@ def usr1_storm(cluster, job_id, *flags, until, timeout=120):
     return sent
 
 
-def test_usr1_in_every_phase_requeues_once_and_never_fails_the_job(slurm_cluster, reference, tmp_path):
-    """USR1 to the batch shell only (as --signal=B:USR1@... sends it) mid-run; then USR1 to the ranks
-    without pause from the moment the save starts until the job is requeued (a second USR1 during the
-    save, USR1 while ranks exit); after the requeue, USR1 to shell and ranks from the last step's
-    record until the job has ended (USR1 during exit). One requeue, COMPLETED, every step once."""
-    job_id, log, metrics = submit(slurm_cluster, tmp_path, "preempted")
-    lines = lambda: metrics.read_text().count("\n") if metrics.exists() else 0  # noqa: E731
-    wait_for(lambda: lines() >= 2, job_id, slurm_cluster, log)  # past step 2: handlers are in
+def test_usr1_in_every_phase_and_a_requeue_without_usr1_lose_and_double_count_nothing(slurm_cluster, reference,
+                                                                                       tmp_path):
+    """Run 0: USR1 to the batch shell only (as --signal=B:USR1@... sends it) mid-run, then USR1 to the
+    ranks without pause from the moment the save starts until they have exited (a second USR1 during
+    the save, USR1 while ranks exit): one checkpoint, requeue. Run 1: ``scontrol requeue`` a few steps
+    later, no USR1: SLURM's TERM lets the ranks save after their step if they are quick enough, else
+    (SIGKILL after KillWait, or a node failure) run 2 resumes from the last periodic checkpoint and repeats
+    the steps after it. Run 2: USR1 to shell and ranks from the last step's record until the job has ended (USR1
+    during exit). COMPLETED; the restart records make the metrics reader and ``megadeep plot`` see each
+    step once, with run 0's losses."""
+    job_id, log, metrics = submit(slurm_cluster, tmp_path, "preempted", "checkpoint.save_every=4")
+    logged = lambda: len(step_losses(metrics)) if metrics.exists() else 0  # noqa: E731
+    wait_for(lambda: logged() >= 2, job_id, slurm_cluster, log)  # past step 2: handlers are in
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job_id))  # the shell alone: it must forward
     wait_for(lambda: "saving a checkpoint after step" in read_log(log), job_id, slurm_cluster, log, timeout=60)
     during_save = usr1_storm(slurm_cluster, job_id, until=lambda: "step ended with status" in read_log(log))
-    wait_for(lambda: f'"step": {STEPS},' in (metrics.read_text()), job_id, slurm_cluster, log,
-             states=("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD"))
+    stopped = int(re.search(r"SIGUSR1 received; saving a checkpoint after step (\d+) and stopping", read_log(log)).group(1))
+    requeueing = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD")
+    wait_for(lambda: logged() >= stopped + 6, job_id, slurm_cluster, log, states=requeueing)
+    slurm_cluster.run("scontrol", "requeue", str(job_id))
+    wait_for(lambda: f'"step": {STEPS},' in metrics.read_text(), job_id, slurm_cluster, log, states=requeueing)
     during_exit = usr1_storm(slurm_cluster, job_id, "--full",
                              until=lambda: slurm_cluster.job(job_id)["JobState"] not in ("RUNNING", "COMPLETING"))
     job = slurm_cluster.wait_job(job_id, timeout=60)
     text = read_log(log)
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1" and job["ExitCode"] == "0:0", (job, text[-4000:])
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "2" and job["ExitCode"] == "0:0", (job, text[-4000:])
     assert during_save >= 1 and during_exit >= 1, (during_save, during_exit)
 
-    stopped = int(re.search(r"SIGUSR1 received; saving a checkpoint after step (\d+) and stopping", text).group(1))
     assert 2 <= stopped < STEPS
-    assert text.count("saving a checkpoint after step") == 1, "a USR1 during the save or the exit stopped it again"
-    assert "step ended with status 75 " in text and "requeueing job" in text
-    assert re.search(rf"job {job_id} start .*, restart 1,", text)
+    assert text.count("SIGUSR1 received; saving") == 1, "a USR1 during the save or the exit stopped it again"
+    assert "step ended with status 75 " in text and text.count("requeueing job") == 1
+    assert re.search(rf"job {job_id} start .*, restart 1,", text) and re.search(rf"job {job_id} start .*, restart 2,", text)
     assert re.search(rf"resumed from .*step_0*{stopped} at step {stopped}$", text, re.M), text[-3000:]
     check_rank_map(text, "slurm")
-    losses = step_losses(metrics)
-    assert [s for s, _ in losses] == list(range(1, STEPS + 1)), "a step was lost or done twice"
-    # the second run continues the first exactly: same weights, optimizer state, LR and data position
+
+    # the file as written: three attempts, each start after the first marked by a restart record
+    raw = [json.loads(line) for line in metrics.read_text().splitlines()]
+    cuts = [i for i, r in enumerate(raw) if r.get("event") == "restart"]
+    assert [raw[i]["restart"] for i in cuts] == [1, 2], cuts
+    first, second = (raw[i] for i in cuts)
+    assert first["resumed_from_step"] == stopped and first["hosts"] == ["n1", "n2"] and first["world_size"] == 4
+    segments = [[r["step"] for r in part if "loss" in r] for part in (raw[:cuts[0]], raw[cuts[0]:cuts[1]], raw[cuts[1]:])]
+    resumed = second["resumed_from_step"]
+    assert segments[0] == list(range(1, stopped + 1)), "run 0 stopped after the step it saved"
+    assert segments[1] == list(range(stopped + 1, segments[1][-1] + 1)), "after a USR1 save, every step once"
+    assert resumed in (stopped, *range(4, segments[1][-1] + 1, 4)) and resumed <= segments[1][-1], (resumed, segments)
+    assert segments[2] == list(range(resumed + 1, STEPS + 1)), "run 2 continues from its checkpoint"
+    assert re.search(rf"resumed from .*step_0*{resumed} at step {resumed}$", text, re.M), text[-3000:]
+
+    # read back: each step once, and the second run continues the first exactly (same weights,
+    # optimizer state, LR and data position), also over the steps that were done twice
+    from megadeep.monitoring.plot import panel_series
+    from megadeep.monitoring.records import read_run
+
+    run = read_run(metrics)
+    losses = [(r["step"], r["loss"]) for r in run if "loss" in r]
+    assert [s for s, _ in losses] == list(range(1, STEPS + 1)), "a step was lost or counted twice"
+    assert [s for s, _ in panel_series(run)["loss"]["loss"]] == list(range(1, STEPS + 1))
     _, _, ref = reference
     for (step, loss), (_, ref_loss) in zip(losses, ref):
-        assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), (step, stopped)
+        assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), (step, stopped, resumed)
+    plot = subprocess.run([sys.executable, "-m", "megadeep", "plot", str(metrics)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert plot.returncode == 0 and "loss.png" in plot.stdout, plot.stderr
 
 
 def test_mpi_launcher_srun_pmi2_with_mpi4py_trains_the_same(slurm_cluster, reference, tmp_path):

@@ -262,12 +262,23 @@ class Trainer:
     def maybe_resume(self) -> bool:
         """Continue from ``checkpoint.resume`` (auto: the newest usable checkpoint in ``checkpoint.dir``;
         a SLURM restart always continues from ``checkpoint.dir`` when it holds one)."""
-        restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
-        state = self.checkpoints.resume(prefer_dir=restarted)
-        if state is None:
-            return False
-        self.step, self.train_data.consumed = state.step, state.consumed_samples
-        return True
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        state = self.checkpoints.resume(prefer_dir=restarts > 0)
+        if state is not None:
+            self.step, self.train_data.consumed = state.step, state.consumed_samples
+        if state is not None or restarts:
+            self._record_restart(restarts)
+        return state is not None
+
+    def _record_restart(self, restarts: int) -> None:
+        """Into the metrics file: which start this is, the step it continues from, where it runs (the
+        steps after that one may be in the file already, from the attempt that was cut short)."""
+        import socket
+
+        hosts = [None] * dist.get_world_size()
+        dist.all_gather_object(hosts, os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+        self.log.restart({"restart": restarts, "resumed_from_step": self.step,
+                          "hosts": sorted(set(hosts)), "world_size": len(hosts)})
 
     def close(self) -> None:
         self.engine.destroy()
