@@ -9,7 +9,9 @@
    refused and nothing reaches the queue.
 """
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -213,3 +215,28 @@ def test_deepspeed_hostfile_from_the_allocation(slurm_cluster, tmp_path):
     slurm_cluster.run("sbatch", "--wait", "--nodes=2", "--ntasks-per-node=2", f"--output={out}",
                       f"--wrap={sys.executable} -m megadeep launch hostfile", cwd=tmp_path, timeout=120)
     assert out.read_text() == "n1 slots=2\nn2 slots=2\n"
+
+
+def test_a_stopped_rank_ends_the_job_within_the_hang_timeout_naming_it(slurm_cluster, tmp_path):
+    timeout = 15
+    job_id, log, metrics = submit(slurm_cluster, tmp_path, "hang", "train.steps=100000",
+                                  f"train.hang_timeout_s={timeout}", f"checkpoint.dir={tmp_path}/hang/ckpt")
+    wait_for(lambda: metrics.exists() and len(step_losses(metrics)) >= 3, job_id, slurm_cluster, log)
+    beat = json.loads((tmp_path / "hang" / "ckpt" / ".heartbeat" / "rank_00003.json").read_text())
+    os.kill(beat["pid"], signal.SIGSTOP)  # rank 3 (on n2) stops mid-run; the others wait in a collective
+    stopped_at = time.time()
+    try:
+        job = slurm_cluster.wait_job(job_id, timeout=timeout + 90)
+    finally:
+        try:
+            os.kill(beat["pid"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    took, text = time.time() - stopped_at, read_log(log)
+    assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0", (job, text[-3000:])
+    assert took < timeout + 60, took
+    hang = re.search(r"^megadeep: hang: no step finished for 15 s after step (\d+) .*silent: (.*); ending the job$",
+                     text, re.M)
+    assert hang, text[-3000:]
+    assert re.fullmatch(rf"rank 3 \(n2, pid {beat['pid']}, last step \d+\)", hang.group(2)), hang.group(0)
+    assert int(hang.group(1)) >= 3

@@ -137,6 +137,11 @@ class Trainer:
             if self.pipelined:
                 print(model.stage_map(), flush=True)
         self.maybe_resume()
+        self.watchdog = None
+        if t.hang_timeout_s:
+            from megadeep.training.watchdog import Watchdog
+
+            self.watchdog = Watchdog(cfg.checkpoint.dir, self.rank, dist.get_world_size(), t.hang_timeout_s)
 
     def _extras(self) -> dict:
         """What the step record carries beyond the loop's own numbers."""
@@ -205,6 +210,8 @@ class Trainer:
         try:
             while self.step < t.steps:
                 r = self.train_step()
+                if self.watchdog is not None:
+                    self.watchdog.progress(r.step)
                 extras = self._extras()  # before any save: comm bytes and memory are the step's own
                 self.guard.observe(r)
                 summary.history.append(r)
@@ -281,6 +288,8 @@ class Trainer:
                           "hosts": sorted(set(hosts)), "world_size": len(hosts)})
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.close()
         self.engine.destroy()
         groups.destroy()
 
