@@ -73,6 +73,15 @@ def cmd_hostfile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_examples(args: argparse.Namespace) -> int:
+    from megadeep.launch.examples import write_examples
+
+    root = Path(__file__).resolve().parents[2]
+    for path in write_examples(root, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
 def add_launch(sub) -> None:
     launch = sub.add_parser("launch", help="multi-node launch: SLURM batch scripts, DeepSpeed hostfiles")
     kinds = launch.add_subparsers(dest="launch_kind", required=True)
@@ -110,3 +119,7 @@ def add_launch(sub) -> None:
     h.add_argument("--slots", type=int, default=0, help="ranks per host (default: GPUs per node of the job)")
     h.add_argument("-o", "--output", default="", help="write here instead of stdout")
     h.set_defaults(func=cmd_hostfile)
+
+    e = kinds.add_parser("examples", help="(re)write the example entry scripts of the repository's launch/")
+    e.add_argument("--out", default="launch", help="directory (default: launch)")
+    e.set_defaults(func=cmd_examples)
