@@ -1,5 +1,6 @@
 """Launch without a cluster: rank discovery, the rank map and its refusals, the generated batch script,
 MPI discovery under mpirun, the SIGUSR1 handler."""
+import json
 import os
 import shutil
 import signal
@@ -123,7 +124,12 @@ def test_gpu_script(tmp_path):
     assert "#   node 1: rank 2 (tp=0 dp=1 pp=0), rank 3 (tp=1 dp=1 pp=0)" in text
     assert "ssh" not in text and "pdsh" not in text and "--mpi" not in text
     resolved = (tmp_path / "out" / "config.json").read_text()
-    assert '"dp": 2' in resolved and f'"dir": "{tmp_path}/out/checkpoints"' in resolved
+    # DP is left to the world size the job finds (2 here, as the rank map above says; elastic requeues:
+    # test_the_job_config_resolves_again_for_another_node_count)
+    assert '"dp": 0' in resolved and f'"dir": "{tmp_path}/out/checkpoints"' in resolved
+    from megadeep.config import load_config, resolve
+
+    assert resolve(load_config(tmp_path / "out" / "config.json"), 4, require_data=False).parallel.dp == 2
 
 
 def test_cpu_tp1_and_container_scripts(tmp_path):
@@ -154,3 +160,16 @@ def test_usr1_handler_keeps_the_request_until_cleared():
         assert not preemption.any_rank_requested(request, "cpu")
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_the_job_config_resolves_again_for_another_node_count(tmp_path):
+    """A requeued job may come back on fewer or more nodes: its config leaves DP and accumulation to the
+    world size it finds (the checkpoint reshards, tests/test_checkpoint_train.py), keeping the global batch."""
+    script_for(tmp_path, "--nodes", "2", "--gpus-per-node", "2", "--cpu", "train.global_batch_size=32")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["parallel"]["dp"] == 0 and saved["train"]["grad_accum_steps"] == 0
+    from megadeep.config import load_config, resolve
+
+    for world, dp, accum in ((2, 1, 4), (4, 2, 2), (8, 4, 1)):  # 2 CPU slots per node: 1, 2 and 4 nodes
+        cfg = resolve(load_config(tmp_path / "out" / "config.json"), world, require_data=False)
+        assert (cfg.parallel.dp, cfg.train.grad_accum_steps, cfg.train.global_batch_size) == (dp, accum, 32)

@@ -240,3 +240,31 @@ def test_a_stopped_rank_ends_the_job_within_the_hang_timeout_naming_it(slurm_clu
     assert hang, text[-3000:]
     assert re.fullmatch(rf"rank 3 \(n2, pid {beat['pid']}, last step \d+\)", hang.group(2)), hang.group(0)
     assert int(hang.group(1)) >= 3
+
+
+def test_elastic_requeue_onto_one_node_and_back_keeps_the_losses(slurm_cluster, reference, tmp_path):
+    """USR1 → requeue; the job comes back on 1 node (TP=2 × DP=1, twice the accumulation), then, after a
+    second USR1, on 2 nodes again: the same global batches, so run 0's losses within 1e-5."""
+    from megadeep.monitoring.records import read_run
+
+    job_id, log, metrics = submit(slurm_cluster, tmp_path, "elastic")
+    logged = lambda: len(step_losses(metrics)) if metrics.exists() else 0  # noqa: E731
+    requeueing = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD")
+    for nodes, tasks, restart in ((1, 2, 1), (2, 4, 2)):
+        wait_for(lambda: logged() >= 3 * restart, job_id, slurm_cluster, log, states=requeueing)
+        slurm_cluster.run("scancel", "--signal=USR1", str(job_id))
+        wait_for(lambda: read_log(log).count("requeueing job") == restart, job_id, slurm_cluster, log, states=requeueing)
+        wait_for(lambda: slurm_cluster.job(job_id)["JobState"] == "PENDING", job_id, slurm_cluster, log, states=requeueing)
+        slurm_cluster.run("scontrol", "hold", str(job_id))
+        slurm_cluster.run("scontrol", "update", f"JobId={job_id}", f"NumNodes={nodes}", f"NumTasks={tasks}")
+        slurm_cluster.run("scontrol", "release", str(job_id))
+    job = slurm_cluster.wait_job(job_id, timeout=300)
+    text = read_log(log)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "2", (job, text[-4000:])
+    assert "resharded to TP=2 DP=1 PP=1, global batch 8 kept with 2 accumulation step(s)" in text, text[-4000:]
+    assert "resharded to TP=2 DP=2 PP=1, global batch 8 kept with 1 accumulation step(s)" in text, text[-4000:]
+    losses = [(r["step"], r["loss"]) for r in read_run(metrics) if "loss" in r]
+    _, _, ref = reference
+    assert [s for s, _ in losses] == [s for s, _ in ref]
+    for (step, loss), (_, ref_loss) in zip(losses, ref):
+        assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), step

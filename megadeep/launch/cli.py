@@ -16,7 +16,7 @@ from megadeep.errors import ConfigError
 def cmd_slurm(args: argparse.Namespace) -> int:
     from megadeep.config import dump_json, load_config, resolve
     from megadeep.launch.placement import check_placement, planned_rank_map
-    from megadeep.launch.slurm import SlurmJob, check_before_submit, render, submit
+    from megadeep.launch.slurm import SlurmJob, check_before_submit, job_config, render, submit
     from megadeep.training.run import resolve_run
 
     workdir = Path(args.workdir).resolve()
@@ -29,10 +29,10 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         python=args.python or ("python" if containerised else sys.executable),
     )
     job.check()
-    cfg = load_config(args.config, args.overrides)
+    given = load_config(args.config, args.overrides)
     world = job.nodes * job.per_node
     try:
-        cfg = resolve(cfg, world)
+        cfg = resolve(given, world)
         run = resolve_run(cfg, "cpu" if job.cpu else "cuda")
     except ConfigError as e:
         raise ConfigError(f"for {job.nodes} node(s) × {job.per_node} = {world} ranks: {e}") from None
@@ -48,7 +48,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     print(planned_rank_map(layout, job.nodes, job.per_node))
     out.mkdir(parents=True, exist_ok=True)
     config_path, script = out / "config.json", out / "job.sbatch"
-    dump_json(cfg, config_path)
+    dump_json(job_config(cfg, given), config_path)
     command = shlex.join(["megadeep", *sys.argv[1:]]) if sys.argv[1:2] == ["launch"] else "megadeep launch slurm"
     script.write_text(render(job, cfg, str(config_path), str(out / "slurm-%j.out"), command, args.prepare_data))
     print(f"wrote {script} (run config {config_path})")

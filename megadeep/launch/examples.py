@@ -16,7 +16,7 @@ from pathlib import Path
 from megadeep.config.load import load_config, to_dict
 from megadeep.config.validate import resolve
 from megadeep.launch.placement import check_placement
-from megadeep.launch.slurm import SlurmJob, render
+from megadeep.launch.slurm import SlurmJob, job_config, render
 from megadeep.parallel.layout import Layout
 
 CONFIG = "configs/tiny.yaml"
@@ -53,13 +53,14 @@ exec deepspeed --hostfile hostfile --master_addr "$MASTER_ADDR" --module megadee
 
 def examples(root: Path) -> dict[str, str]:
     """File name → content of every example, for the repository at ``root``."""
-    cfg = resolve(load_config(root / CONFIG, SBATCH_OVERRIDES), 16, require_data=False)
+    given = load_config(root / CONFIG, SBATCH_OVERRIDES)
+    cfg = resolve(given, 16, require_data=False)
     p = cfg.parallel
     job = SlurmJob(nodes=2, per_node=8, time="24:00:00", workdir=".")
     check_placement(Layout(tp=p.tp, dp=p.dp, pp=p.pp), job.nodes, job.per_node)
     sbatch = render(job, cfg, "launch/tiny_2x8.json", "runs/tiny-2x8/slurm-%j.out",
                     f"megadeep launch examples ({CONFIG} {' '.join(SBATCH_OVERRIDES)})", prepare_data=True)
-    return {"sbatch_2x8.sh": sbatch, "tiny_2x8.json": json.dumps(to_dict(cfg), indent=2) + "\n",
+    return {"sbatch_2x8.sh": sbatch, "tiny_2x8.json": json.dumps(to_dict(job_config(cfg, given)), indent=2) + "\n",
             "torchrun_1node.sh": _torchrun(), "deepspeed_hostfile.sh": _deepspeed()}
 
 

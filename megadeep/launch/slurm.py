@@ -7,6 +7,7 @@ and exits with :data:`REQUEUE_EXIT`; the script then requeues the job, whose nex
 """
 from __future__ import annotations
 
+import copy
 import re
 import shlex
 import subprocess
@@ -120,6 +121,15 @@ def _env_lines(job: SlurmJob, layout: Layout) -> list[str]:
     if layout.tp > 1:
         lines.append("export CUDA_DEVICE_MAX_CONNECTIONS=1   # TP>1: keep TP comm kernels in issue order with compute")
     return lines
+
+
+def job_config(resolved: RunConfig, given: RunConfig) -> RunConfig:
+    """The run config the job reads: ``resolved`` with DP and accumulation as ``given`` (0: derived), so
+    that a requeued job that comes back on another node count resolves them again for its world size
+    (the checkpoint reshards; the global batch stays)."""
+    out = copy.deepcopy(resolved)
+    out.parallel.dp, out.train.grad_accum_steps = given.parallel.dp, given.train.grad_accum_steps
+    return out
 
 
 def _is_local_image(ref: str) -> bool:
