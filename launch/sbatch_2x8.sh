@@ -54,8 +54,12 @@ status_file=$(mktemp)
 step_pid=
 trap '[ -n "$step_pid" ] && pkill -USR1 -P "$step_pid"' USR1
 trap 'echo "megadeep: batch shell got TERM"' TERM
+# Ranks from the nodes this start got: a requeued job may come back on another node count (after
+# scontrol update NumNodes=..., a MIN-MAX node range); DP and accumulation follow, the global batch
+# stays, the checkpoint reshards.
+tasks=$((SLURM_JOB_NUM_NODES * 8))
 ( trap : USR1   # the subshell waits for srun; a USR1 to it (scancel --full) is a no-op
-srun --wait=60 --distribution=block \
+srun --wait=60 --distribution=block --ntasks="$tasks" --ntasks-per-node=8 \
     python -m megadeep train launch/tiny_2x8.json
   echo $? > "$status_file" ) &
 step_pid=$!

@@ -6,7 +6,9 @@
    steps after the last checkpoint, and the restart records make readers count each once;
 3. the same run with ``--launcher mpi`` (srun --mpi=pmi2, ranks from mpi4py) gives the same losses;
 4. a layout that does not fit the allocation, an unprepared corpus or an unwritable checkpoint dir is
-   refused and nothing reaches the queue.
+   refused and nothing reaches the queue;
+5. a SIGSTOPped rank ends the job within train.hang_timeout_s + 60 s, named;
+6. elastic: requeued onto 1 node and back onto 2, the losses stay run 1's.
 """
 import json
 import os

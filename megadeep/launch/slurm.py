@@ -170,7 +170,8 @@ def _srun_line(job: SlurmJob, config: str, command: str = "train") -> str:
     elif job.apptainer:
         prefix = ["apptainer", "exec", *(["--nv"] if not job.cpu else []), "--bind", ",".join(mounts), job.apptainer]
     cmd = [*prefix, job.python, "-m", "megadeep", *command.split(), config]
-    return " \\\n    ".join([shlex.join(srun), shlex.join(cmd)])
+    tasks = f' --ntasks="$tasks" --ntasks-per-node={job.per_node}' if command == "train" else ""
+    return " \\\n    ".join([shlex.join(srun) + tasks, shlex.join(cmd)])
 
 
 def render(job: SlurmJob, cfg: RunConfig, config_path: str, log_path: str, command: str,
@@ -216,6 +217,10 @@ def render(job: SlurmJob, cfg: RunConfig, config_path: str, log_path: str, comma
         "step_pid=",
         'trap \'[ -n "$step_pid" ] && pkill -USR1 -P "$step_pid"\' USR1',
         'trap \'echo "megadeep: batch shell got TERM"\' TERM',
+        "# Ranks from the nodes this start got: a requeued job may come back on another node count (after",
+        "# scontrol update NumNodes=..., a MIN-MAX node range); DP and accumulation follow, the global batch",
+        "# stays, the checkpoint reshards.",
+        f"tasks=$((SLURM_JOB_NUM_NODES * {job.per_node}))",
         "( trap : USR1   # the subshell waits for srun; a USR1 to it (scancel --full) is a no-op",
         _srun_line(job, config_path),
         '  echo $? > "$status_file" ) &',
