@@ -58,7 +58,7 @@ trap 'echo "megadeep: batch shell got TERM"' TERM
 # scontrol update NumNodes=..., a MIN-MAX node range); DP and accumulation follow, the global batch
 # stays, the checkpoint reshards.
 tasks=$((SLURM_JOB_NUM_NODES * 8))
-( trap : USR1   # the subshell waits for srun; a USR1 to it (scancel --full) is a no-op
+( trap : USR1 TERM   # the subshell waits for srun and reports its status, whatever it is sent
 srun --wait=60 --distribution=block --ntasks="$tasks" --ntasks-per-node=8 \
     python -m megadeep train launch/tiny_2x8.json
   echo $? > "$status_file" ) &

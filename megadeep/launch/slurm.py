@@ -221,7 +221,7 @@ def render(job: SlurmJob, cfg: RunConfig, config_path: str, log_path: str, comma
         "# scontrol update NumNodes=..., a MIN-MAX node range); DP and accumulation follow, the global batch",
         "# stays, the checkpoint reshards.",
         f"tasks=$((SLURM_JOB_NUM_NODES * {job.per_node}))",
-        "( trap : USR1   # the subshell waits for srun; a USR1 to it (scancel --full) is a no-op",
+        "( trap : USR1 TERM   # the subshell waits for srun and reports its status, whatever it is sent",
         _srun_line(job, config_path),
         '  echo $? > "$status_file" ) &',
         "step_pid=$!",
