@@ -25,7 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from megadeep.training.dry_run import cmd_dry_run
 
         return cmd_dry_run(args)
-    preemption.install()  # now: SIGUSR1's default action would kill a rank still loading torch
+    preemption.install()  # again (python -m megadeep did already): for main() called in-process
     from megadeep.checkpoint.lock import holding
     from megadeep.launch.env import discover
 
@@ -35,10 +35,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             from megadeep.launch.local import run_local
 
             return run_local(cfg, spawn)
-        from megadeep.launch.slurm import REQUEUE_EXIT
         from megadeep.training.trainer import train
 
-        return REQUEUE_EXIT if train(cfg).preempted else 0
+        return train(cfg).exit_code
 
 
 def add_train(sub) -> None:

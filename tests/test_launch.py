@@ -1,5 +1,6 @@
 """Launch without a cluster: rank discovery, the rank map and its refusals, the generated batch script,
 MPI discovery under mpirun, the SIGUSR1 handler."""
+import json
 import os
 import shutil
 import signal
@@ -82,6 +83,14 @@ def launch(tmp_path, *args):
     (["--nodes", "1", "--gpus-per-node", "4", "parallel.pp=3"], "not divisible by parallel.tp × parallel.pp"),
     (["--nodes", "0", "--gpus-per-node", "4"], "must be ≥ 1"),
     (["--nodes", "1", "--gpus-per-node", "4", "--container-image", "x", "--apptainer", "y"], "pick one"),
+    # what would fail on every rank after the wait in the queue
+    (["--nodes", "1", "--gpus-per-node", "2"], "data.corpus=shakespeare is not prepared"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--prepare-data", "checkpoint.dir=/etc/passwd/ckpt"],
+     "checkpoint.dir='/etc/passwd/ckpt' cannot be created"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--prepare-data", "--container-image", "/nonexistent/m.sqsh"],
+     "--container-image '/nonexistent/m.sqsh' does not exist"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--prepare-data", "--apptainer", "/nonexistent/m.sif"],
+     "--apptainer '/nonexistent/m.sif' does not exist"),
 ])
 def test_cli_refuses_in_one_line_and_writes_nothing(tmp_path, args, says):
     proc = launch(tmp_path, *args, "--submit")
@@ -91,7 +100,7 @@ def test_cli_refuses_in_one_line_and_writes_nothing(tmp_path, args, says):
 
 
 def script_for(tmp_path, *args) -> str:
-    proc = launch(tmp_path, *args)
+    proc = launch(tmp_path, *args, "--prepare-data")  # tiny.yaml's corpus is not prepared in tmp_path
     assert proc.returncode == 0, proc.stderr
     script = tmp_path / "out" / "job.sbatch"
     subprocess.run(["bash", "-n", str(script)], check=True)  # it parses as a shell script
@@ -108,12 +117,19 @@ def test_gpu_script(tmp_path):
                  "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
                  "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}",
                  "export CUDA_DEVICE_MAX_CONNECTIONS=1", '    scontrol requeue "$SLURM_JOB_ID"',
-                 f"    {sys.executable} -m megadeep train {tmp_path}/out/config.json"]:
+                 f"    {sys.executable} -m megadeep train {tmp_path}/out/config.json",
+                 f"    {sys.executable} -m megadeep data prepare {tmp_path}/out/config.json || exit 2",
+                 "srun --nodes=1 --ntasks=1 \\"]:
         assert any(got.startswith(line) for got in text.splitlines()), line
     assert "#   node 1: rank 2 (tp=0 dp=1 pp=0), rank 3 (tp=1 dp=1 pp=0)" in text
     assert "ssh" not in text and "pdsh" not in text and "--mpi" not in text
     resolved = (tmp_path / "out" / "config.json").read_text()
-    assert '"dp": 2' in resolved and f'"dir": "{tmp_path}/out/checkpoints"' in resolved
+    # DP is left to the world size the job finds (2 here, as the rank map above says; elastic requeues:
+    # test_the_job_config_resolves_again_for_another_node_count)
+    assert '"dp": 0' in resolved and f'"dir": "{tmp_path}/out/checkpoints"' in resolved
+    from megadeep.config import load_config, resolve
+
+    assert resolve(load_config(tmp_path / "out" / "config.json"), 4, require_data=False).parallel.dp == 2
 
 
 def test_cpu_tp1_and_container_scripts(tmp_path):
@@ -121,13 +137,15 @@ def test_cpu_tp1_and_container_scripts(tmp_path):
                       "train.global_batch_size=32", "--launcher", "mpi")
     assert "#SBATCH --gpus-per-node" not in text and "NCCL" not in text and "CUDA_DEVICE_MAX_CONNECTIONS" not in text
     assert "srun --wait=60 --distribution=block --mpi=pmi2" in text and "export MEGADEEP_LAUNCHER=mpi" in text
-    text = script_for(tmp_path, "--nodes", "1", "--gpus-per-node", "4", "--container-image", "/images/megadeep.sqsh",
+    (tmp_path / "megadeep.sqsh").touch()
+    (tmp_path / "megadeep.sif").touch()
+    text = script_for(tmp_path, "--nodes", "1", "--gpus-per-node", "4", "--container-image", f"{tmp_path}/megadeep.sqsh",
                       "--container-mounts", "/data:/data")
-    assert (f"--container-image=/images/megadeep.sqsh --container-mounts={tmp_path}:{tmp_path},/data:/data "
+    assert (f"--container-image={tmp_path}/megadeep.sqsh --container-mounts={tmp_path}:{tmp_path},/data:/data "
             f"--container-workdir={tmp_path}") in text
     assert f"    python -m megadeep train {tmp_path}/out/config.json" in text
-    text = script_for(tmp_path, "--nodes", "1", "--gpus-per-node", "4", "--apptainer", "/images/megadeep.sif")
-    assert f"    apptainer exec --nv --bind {tmp_path}:{tmp_path} /images/megadeep.sif python -m megadeep train" in text
+    text = script_for(tmp_path, "--nodes", "1", "--gpus-per-node", "4", "--apptainer", f"{tmp_path}/megadeep.sif")
+    assert f"    apptainer exec --nv --bind {tmp_path}:{tmp_path} {tmp_path}/megadeep.sif python -m megadeep train" in text
 
 
 def test_usr1_handler_keeps_the_request_until_cleared():
@@ -142,3 +160,16 @@ def test_usr1_handler_keeps_the_request_until_cleared():
         assert not preemption.any_rank_requested(request, "cpu")
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_the_job_config_resolves_again_for_another_node_count(tmp_path):
+    """A requeued job may come back on fewer or more nodes: its config leaves DP and accumulation to the
+    world size it finds (the checkpoint reshards, tests/test_checkpoint_train.py), keeping the global batch."""
+    script_for(tmp_path, "--nodes", "2", "--gpus-per-node", "2", "--cpu", "train.global_batch_size=32")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["parallel"]["dp"] == 0 and saved["train"]["grad_accum_steps"] == 0
+    from megadeep.config import load_config, resolve
+
+    for world, dp, accum in ((2, 1, 4), (4, 2, 2), (8, 4, 1)):  # 2 CPU slots per node: 1, 2 and 4 nodes
+        cfg = resolve(load_config(tmp_path / "out" / "config.json"), world, require_data=False)
+        assert (cfg.parallel.dp, cfg.train.grad_accum_steps, cfg.train.global_batch_size) == (dp, accum, 32)

@@ -271,6 +271,11 @@ class CheckpointManager:
                 self.last_good = path
                 if self.rank == 0 and self.cfg.log.progress:
                     print(f"megadeep: resumed from {path} at step {state.step}", flush=True)
+                    if not self._same_layout(ckpt):
+                        was, t = ckpt.meta["layout"], self.cfg.train
+                        print(f"megadeep: the checkpoint was written by TP={was['tp']} DP={was['dp']} PP={was['pp']}; "
+                              f"resharded to TP={self.layout.tp} DP={self.layout.dp} PP={self.layout.pp}, global batch "
+                              f"{t.global_batch_size} kept with {t.grad_accum_steps} accumulation step(s)", flush=True)
                 return state
             problems.append(bad[0])
             if self.rank == 0:

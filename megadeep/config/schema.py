@@ -105,6 +105,9 @@ class TrainConfig:
     eval_every: int = 0  # steps between validation passes; 0: only at the end
     eval_iters: int = 4  # global batches in one validation pass
     dist_timeout_s: float = 600.0  # a collective that waits longer than this fails the run
+    # no step finished for this long (a stopped rank, a dead node): name the silent ranks and end the job;
+    # 0: off. Must exceed the longest step + evaluation + save. Heartbeats go to checkpoint.dir/.heartbeat.
+    hang_timeout_s: float = 0.0
     max_consecutive_skips: int = 8  # non-finite steps in a row (each skipped) that stop the run
     loss_spike_factor: float = 3.0  # log a loss above this × its running mean; 0: off
 

@@ -256,6 +256,9 @@ def _check_training(cfg: RunConfig) -> None:
                                     "(torch.cuda.is_available() is false); use train.device=auto or cpu")
     _require(0 <= t.seed < 2**32, f"train.seed must be in [0, 2^32), got {t.seed}")
     _require(t.dist_timeout_s > 0, f"train.dist_timeout_s must be positive, got {t.dist_timeout_s}")
+    _require(t.hang_timeout_s >= 0, f"train.hang_timeout_s must be ≥ 0 (0: off), got {t.hang_timeout_s}")
+    _require(not t.hang_timeout_s or bool(cfg.checkpoint.dir),
+             "train.hang_timeout_s needs checkpoint.dir (shared by all nodes) for the ranks' heartbeats")
     _require(t.eval_every >= 0, f"train.eval_every must be ≥ 0 (0: only at the end), got {t.eval_every}")
     _require(t.eval_iters >= 1, f"train.eval_iters must be ≥ 1 (a validation pass of no batch has no loss), "
                                 f"got {t.eval_iters}")

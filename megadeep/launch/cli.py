@@ -16,7 +16,7 @@ from megadeep.errors import ConfigError
 def cmd_slurm(args: argparse.Namespace) -> int:
     from megadeep.config import dump_json, load_config, resolve
     from megadeep.launch.placement import check_placement, planned_rank_map
-    from megadeep.launch.slurm import SlurmJob, render, submit
+    from megadeep.launch.slurm import SlurmJob, check_before_submit, job_config, render, submit
     from megadeep.training.run import resolve_run
 
     workdir = Path(args.workdir).resolve()
@@ -29,10 +29,10 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         python=args.python or ("python" if containerised else sys.executable),
     )
     job.check()
-    cfg = load_config(args.config, args.overrides)
+    given = load_config(args.config, args.overrides)
     world = job.nodes * job.per_node
     try:
-        cfg = resolve(cfg, world)
+        cfg = resolve(given, world)
         run = resolve_run(cfg, "cpu" if job.cpu else "cuda")
     except ConfigError as e:
         raise ConfigError(f"for {job.nodes} node(s) × {job.per_node} = {world} ranks: {e}") from None
@@ -44,12 +44,13 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     if not cfg.checkpoint.dir:
         cfg.checkpoint.dir = str(out / "checkpoints")
         print(f"note: checkpoint.dir was not set; the time-limit checkpoint goes to {cfg.checkpoint.dir}")
+    check_before_submit(job, cfg, args.prepare_data)
     print(planned_rank_map(layout, job.nodes, job.per_node))
     out.mkdir(parents=True, exist_ok=True)
     config_path, script = out / "config.json", out / "job.sbatch"
-    dump_json(cfg, config_path)
+    dump_json(job_config(cfg, given), config_path)
     command = shlex.join(["megadeep", *sys.argv[1:]]) if sys.argv[1:2] == ["launch"] else "megadeep launch slurm"
-    script.write_text(render(job, cfg, str(config_path), str(out / "slurm-%j.out"), command))
+    script.write_text(render(job, cfg, str(config_path), str(out / "slurm-%j.out"), command, args.prepare_data))
     print(f"wrote {script} (run config {config_path})")
     if args.submit:
         print(f"submitted job {submit(script)}; log {out}/slurm-<jobid>.out")
@@ -69,6 +70,15 @@ def cmd_hostfile(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}: {len(hosts)} host(s)", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    from megadeep.launch.examples import write_examples
+
+    root = Path(__file__).resolve().parents[2]
+    for path in write_examples(root, Path(args.out)):
+        print(f"wrote {path}")
     return 0
 
 
@@ -100,6 +110,8 @@ def add_launch(sub) -> None:
     p.add_argument("--workdir", default=".", help="directory the job runs in (default: here)")
     p.add_argument("--out", default="", help="where the script, config and logs go (default runs/NAME/slurm)")
     p.add_argument("--submit", action="store_true", help="sbatch the script after writing it")
+    p.add_argument("--prepare-data", action="store_true",
+                   help="the job prepares data.corpus before the ranks start (default: it must be prepared already)")
     p.set_defaults(func=cmd_slurm)
 
     h = kinds.add_parser("hostfile", help="a DeepSpeed hostfile from the SLURM allocation")
@@ -107,3 +119,7 @@ def add_launch(sub) -> None:
     h.add_argument("--slots", type=int, default=0, help="ranks per host (default: GPUs per node of the job)")
     h.add_argument("-o", "--output", default="", help="write here instead of stdout")
     h.set_defaults(func=cmd_hostfile)
+
+    e = kinds.add_parser("examples", help="(re)write the example entry scripts of the repository's launch/")
+    e.add_argument("--out", default="launch", help="directory (default: launch)")
+    e.set_defaults(func=cmd_examples)

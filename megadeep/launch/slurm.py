@@ -7,6 +7,7 @@ and exits with :data:`REQUEUE_EXIT`; the script then requeues the job, whose nex
 """
 from __future__ import annotations
 
+import copy
 import re
 import shlex
 import subprocess
@@ -122,8 +123,43 @@ def _env_lines(job: SlurmJob, layout: Layout) -> list[str]:
     return lines
 
 
-def _srun_line(job: SlurmJob, config: str) -> str:
+def job_config(resolved: RunConfig, given: RunConfig) -> RunConfig:
+    """The run config the job reads: ``resolved`` with DP and accumulation as ``given`` (0: derived), so
+    that a requeued job that comes back on another node count resolves them again for its world size
+    (the checkpoint reshards; the global batch stays)."""
+    out = copy.deepcopy(resolved)
+    out.parallel.dp, out.train.grad_accum_steps = given.parallel.dp, given.train.grad_accum_steps
+    return out
+
+
+def _is_local_image(ref: str) -> bool:
+    """A file path, not a registry reference (``nvcr.io#nvidia/pytorch:24.01-py3``, ``docker://...``)."""
+    return "://" not in ref and "#" not in ref and (ref.startswith(("/", ".", "~")) or ref.endswith((".sqsh", ".sif")))
+
+
+def check_before_submit(job: SlurmJob, cfg: RunConfig, prepare_data: bool) -> None:
+    """What would otherwise fail on every rank after the wait in the queue: data that is not prepared
+    (and will not be by the script's first step), a checkpoint dir that cannot be written, a container
+    image file that is not there."""
+    from megadeep.config.validate import check_writable_dir
+    from megadeep.data.prepare import prepare_data as ready_data
+
+    for flag, image in (("--container-image", job.container_image), ("--apptainer", job.apptainer)):
+        if image and _is_local_image(image) and not Path(image).expanduser().is_file():
+            raise ConfigError(f"{flag} '{image}' does not exist; give the image file on shared storage")
+    if cfg.checkpoint.dir:
+        check_writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
+    if not prepare_data:
+        try:
+            ready_data(cfg, build=False)
+        except ConfigError as e:  # DataError too
+            raise ConfigError(f"{e} (or pass --prepare-data: the job prepares it before the ranks start)") from None
+
+
+def _srun_line(job: SlurmJob, config: str, command: str = "train") -> str:
     srun = ["srun", f"--wait={SRUN_WAIT_S}", "--distribution=block"]
+    if command != "train":  # a one-off step on the first node
+        srun = ["srun", "--nodes=1", "--ntasks=1"]
     if job.launcher == "mpi":
         srun.append("--mpi=pmi2")
     mounts = [f"{job.workdir}:{job.workdir}", *job.container_mounts]
@@ -133,11 +169,13 @@ def _srun_line(job: SlurmJob, config: str) -> str:
                  f"--container-workdir={job.workdir}"]
     elif job.apptainer:
         prefix = ["apptainer", "exec", *(["--nv"] if not job.cpu else []), "--bind", ",".join(mounts), job.apptainer]
-    cmd = [*prefix, job.python, "-m", "megadeep", "train", config]
-    return " \\\n    ".join([shlex.join(srun), shlex.join(cmd)])
+    cmd = [*prefix, job.python, "-m", "megadeep", *command.split(), config]
+    tasks = f' --ntasks="$tasks" --ntasks-per-node={job.per_node}' if command == "train" else ""
+    return " \\\n    ".join([shlex.join(srun) + tasks, shlex.join(cmd)])
 
 
-def render(job: SlurmJob, cfg: RunConfig, config_path: str, log_path: str, command: str) -> str:
+def render(job: SlurmJob, cfg: RunConfig, config_path: str, log_path: str, command: str,
+           prepare_data: bool = False) -> str:
     """The batch script for the resolved ``cfg``, saved at ``config_path``."""
     job.check()
     p = cfg.parallel
@@ -158,17 +196,37 @@ def render(job: SlurmJob, cfg: RunConfig, config_path: str, log_path: str, comma
         "#",
         *_sbatch_lines(job, cfg.name, log_path),
         "",
-        "set -uo pipefail   # no -e: the exit status of srun decides what happens next",
+        "set -uo pipefail   # no -e: the exit status of the ranks decides what happens next",
         "",
         *_env_lines(job, layout),
         "",
         'echo "megadeep: job $SLURM_JOB_ID start $(date -Is), restart ${SLURM_RESTART_COUNT:-0}, '
         'nodes $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"',
         "",
+        *(["# First step: make the token data ready once (a rank never builds it while the others wait).",
+           _srun_line(job, config_path, "data prepare") + " || exit 2", ""] if prepare_data else []),
         "# One task per rank, placed in blocks (node i holds ranks i×per_node ...), which keeps each TP",
         "# group on one node. Each task runs the trainer directly; it reads its rank from SLURM.",
+        "# srun runs in a background subshell so that this shell can take signals while it waits: without",
+        "# a trap, a USR1 (--signal=B:USR1@..., scancel --batch/--full) would kill the shell and the job with",
+        "# it. The trap hands USR1 to srun, which forwards it to every rank. TERM (scancel, requeue) reaches the",
+        "# ranks from SLURM itself (srun would turn a forwarded TERM into SIGKILL); the shell only stays to",
+        "# report. srun's status goes through a file: bash's `wait` returns a wrong status when signals keep",
+        "# interrupting it (seen with USR1 every few ms), and a wrong status here would fail or requeue a job.",
+        'status_file=$(mktemp)',
+        "step_pid=",
+        'trap \'[ -n "$step_pid" ] && pkill -USR1 -P "$step_pid"\' USR1',
+        'trap \'echo "megadeep: batch shell got TERM"\' TERM',
+        "# Ranks from the nodes this start got: a requeued job may come back on another node count (after",
+        "# scontrol update NumNodes=..., a MIN-MAX node range); DP and accumulation follow, the global batch",
+        "# stays, the checkpoint reshards.",
+        f"tasks=$((SLURM_JOB_NUM_NODES * {job.per_node}))",
+        "( trap : USR1 TERM   # the subshell waits for srun and reports its status, whatever it is sent",
         _srun_line(job, config_path),
-        "status=$?",
+        '  echo $? > "$status_file" ) &',
+        "step_pid=$!",
+        'while kill -0 "$step_pid" 2>/dev/null; do wait "$step_pid"; done',
+        'read -r status < "$status_file" || status=1; rm -f "$status_file"   # the ranks\' status (the highest)',
         "",
         f'if [ "$status" -eq {REQUEUE_EXIT} ]; then',
         '    echo "megadeep: checkpoint saved before the time limit; requeueing job $SLURM_JOB_ID"',

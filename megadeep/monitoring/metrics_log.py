@@ -84,6 +84,12 @@ class MetricsLog:
                   flush=True)
         return record
 
+    def restart(self, record: dict) -> None:
+        """A start that continues earlier work: readers drop what was logged after its resume step."""
+        from megadeep.monitoring.records import RESTART
+
+        self._emit({"event": RESTART, **record, "time": time.time()})
+
     def evaluation(self, step: int, val_loss: float) -> None:
         self._emit({"step": step, "val_loss": val_loss})
         if self.enabled and (self.lines or self.bar is not None):
@@ -105,7 +111,7 @@ class MetricsLog:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            for tag, value in _scalars(record):
+            for tag, value in _scalars(record) if "step" in record else ():
                 self.tb.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:

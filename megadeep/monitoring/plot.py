@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from megadeep.errors import ConfigError
+from megadeep.monitoring.records import read_run
 
 PANELS = [  # file name, y label, record keys plotted against step
     ("loss", "loss", ["loss", "val_loss"]),
@@ -15,20 +14,10 @@ PANELS = [  # file name, y label, record keys plotted against step
 ]
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise ConfigError(f"metrics file '{path}' does not exist")
-    records, bad = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            bad += 1  # a run killed mid-write leaves a partial last line
-    if not records:
-        raise ConfigError(f"metrics file '{path}' holds no JSON records")
-    if bad:
-        print(f"megadeep plot: skipped {bad} unreadable line(s) in {path}")
-    return records
+def panel_series(records: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Per panel, per key: the (step, value) points to draw."""
+    return {name: {k: [(r["step"], r[k]) for r in records if r.get(k) is not None] for k in keys}
+            for name, _, keys in PANELS}
 
 
 def plot(path: Path, out_dir: Path) -> list[Path]:
@@ -37,11 +26,11 @@ def plot(path: Path, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(path)
+    panels = panel_series(read_run(path))  # a step repeated after a restart is drawn once
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, ylabel, keys in PANELS:
-        series = {k: [(r["step"], r[k]) for r in records if r.get(k) is not None] for k in keys}
+    for name, ylabel, _ in PANELS:
+        series = panels[name]
         if not any(series.values()):
             continue
         fig, ax = plt.subplots(figsize=(7, 4))

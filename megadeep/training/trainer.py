@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -67,7 +68,17 @@ class Summary:
     history: list[StepResult] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)  # what was logged per step (rank 0's view)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
-    preempted: bool = False  # stopped early on SIGUSR1 after saving a checkpoint: requeue to continue
+    preempted: bool = False  # stopped early on a stop signal (after saving a checkpoint when there is a dir)
+    stop_signal: int = 0  # which: SIGUSR1 asks for a requeue, SIGTERM (SLURM's cancel/requeue) does not
+
+    @property
+    def exit_code(self) -> int:
+        """What the process exits with: 0 when done, REQUEUE_EXIT after a USR1 save, 128+N on signal N."""
+        from megadeep.launch.slurm import REQUEUE_EXIT
+
+        if not self.preempted:
+            return 0
+        return REQUEUE_EXIT if self.stop_signal == signal.SIGUSR1 else 128 + self.stop_signal
 
 
 class Trainer:
@@ -129,6 +140,11 @@ class Trainer:
             if self.pipelined:
                 print(model.stage_map(), flush=True)
         self.maybe_resume()
+        self.watchdog = None
+        if t.hang_timeout_s:
+            from megadeep.training.watchdog import Watchdog
+
+            self.watchdog = Watchdog(cfg.checkpoint.dir, self.rank, dist.get_world_size(), t.hang_timeout_s)
 
     def _extras(self) -> dict:
         """What the step record carries beyond the loop's own numbers."""
@@ -197,22 +213,24 @@ class Trainer:
         try:
             while self.step < t.steps:
                 r = self.train_step()
+                if self.watchdog is not None:
+                    self.watchdog.progress(r.step)
                 extras = self._extras()  # before any save: comm bytes and memory are the step's own
                 self.guard.observe(r)
                 summary.history.append(r)
                 if r.skipped:  # an abort names the last good checkpoint: commit the one in flight first
                     self.checkpoints.wait()
                 self.guard.check(self.checkpoints.last_good)
-                stop = self.step < t.steps and self._stop_requested()
+                stop = self._stop_requested() if self.step < t.steps else 0
                 # The step is saved before anything else can fail (logging, evaluation): a crash there
                 # loses no finished work.
-                if stop:
+                if stop and self.cfg.checkpoint.dir:
                     self.save_checkpoint()
                 elif not r.skipped or self.step == t.steps:  # the last good checkpoint predates a bad streak
                     self.checkpoints.after_step(self._train_state(), final=self.step == t.steps)
                 summary.records.append(self.log.step({**vars(r), **extras}))
                 if stop:
-                    summary.preempted = True
+                    summary.preempted, summary.stop_signal = True, stop
                     break
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     self.checkpoints.wait()  # commit a background save of this step before evaluation can fail
@@ -227,17 +245,22 @@ class Trainer:
                              "loss or gradient and were skipped; lower optim.lr or fix the data")
         return summary
 
-    def _stop_requested(self) -> bool:
-        if not preemption.any_rank_requested(self.stop, self.device):
-            return False
+    def _stop_requested(self) -> int:
+        """The stop signal all ranks act on after this step, or 0: USR1 without ``checkpoint.dir`` has
+        nothing to save for a requeue and is ignored; TERM stops regardless (SIGKILL follows it)."""
+        signum = preemption.any_rank_requested(self.stop, self.device)
+        if not signum:
+            return 0
         self.stop.clear()
-        if not self.cfg.checkpoint.dir:
+        name, saving = signal.Signals(signum).name, bool(self.cfg.checkpoint.dir)
+        if not saving and signum == signal.SIGUSR1:
             if self.rank == 0:
-                print("megadeep: SIGUSR1 received but checkpoint.dir is not set; training on", flush=True)
-            return False
+                print(f"megadeep: {name} received but checkpoint.dir is not set; training on", flush=True)
+            return 0
         if self.rank == 0:
-            print(f"megadeep: SIGUSR1 received; saving a checkpoint after step {self.step} and stopping", flush=True)
-        return True
+            what = "saving a checkpoint after" if saving else "no checkpoint.dir: nothing saved after"
+            print(f"megadeep: {name} received; {what} step {self.step} and stopping", flush=True)
+        return signum
 
     # -- checkpoints (megadeep.checkpoint) ----------------------------------------------------------
     def _train_state(self) -> TrainState:
@@ -249,14 +272,27 @@ class Trainer:
     def maybe_resume(self) -> bool:
         """Continue from ``checkpoint.resume`` (auto: the newest usable checkpoint in ``checkpoint.dir``;
         a SLURM restart always continues from ``checkpoint.dir`` when it holds one)."""
-        restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
-        state = self.checkpoints.resume(prefer_dir=restarted)
-        if state is None:
-            return False
-        self.step, self.train_data.consumed = state.step, state.consumed_samples
-        return True
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        state = self.checkpoints.resume(prefer_dir=restarts > 0)
+        if state is not None:
+            self.step, self.train_data.consumed = state.step, state.consumed_samples
+        if state is not None or restarts:
+            self._record_restart(restarts)
+        return state is not None
+
+    def _record_restart(self, restarts: int) -> None:
+        """Into the metrics file: which start this is, the step it continues from, where it runs (the
+        steps after that one may be in the file already, from the attempt that was cut short)."""
+        import socket
+
+        hosts = [None] * dist.get_world_size()
+        dist.all_gather_object(hosts, os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+        self.log.restart({"restart": restarts, "resumed_from_step": self.step,
+                          "hosts": sorted(set(hosts)), "world_size": len(hosts)})
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.close()
         self.engine.destroy()
         groups.destroy()
 
