@@ -102,3 +102,42 @@ def test_chat_with_a_sentencepiece_tokenizer(tmp_path):
     trained = targets[0][targets[0] != -100].tolist()
     assert tok.decode(trained) == f"Hello!{END}See you{END}"
     assert trained == tok.encode(f"Hello!{END}").tolist() + tok.encode(f"See you{END}").tolist()
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_the_tokenizers_own_chat_template_gives_transformers_tokens_and_masks_the_assistant_turns(tmp_path):
+    from tokenizers import Tokenizer as Rust
+    from transformers import PreTrainedTokenizerFast
+
+    from megadeep.data.tokenizer import train_hf_bpe
+    from megadeep.finetune.chat import TemplateCodec, codec_of
+
+    folder = train_hf_bpe([" ".join(WORDS)] * 20 + ["Be brief. Hi there Hello! Bye See you"], tmp_path / "tok", 300)
+    tok = Rust.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": PLANTED}) + "\n")
+
+    class Cfg:  # the two fields codec_of reads
+        data = type("D", (), {"tokenizer": str(folder)})
+        model = type("M", (), {"vocab_size": tok.get_vocab_size(with_added_tokens=True)})
+    codec = codec_of(Cfg)
+    assert isinstance(codec, TemplateCodec)
+    data, counts = read_conversations([str(path)], 200, codec)
+    hf = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    want = hf.apply_chat_template(PLANTED, tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)  # BatchEncoding in transformers 5
+    n = len(want)
+    assert data.tokens[0][:n].tolist() == list(want) and counts["kept"] == 1
+    trained = data.tokens[0][data.mask[0]].tolist()
+    assert hf.decode(trained) == "Hello!<|im_end|>\nSee you<|im_end|>\n"
+    # the mask is contiguous per assistant turn: two runs, each right after "<|im_start|>assistant\n"
+    mask = data.mask[0][:n].tolist()
+    starts = [i for i in range(n) if mask[i] and not mask[i - 1]]
+    assert len(starts) == 2 and all(hf.decode(want[:s]).endswith("<|im_start|>assistant\n") for s in starts)
