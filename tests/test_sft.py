@@ -113,6 +113,9 @@ def test_the_tokenizers_own_chat_template_gives_transformers_tokens_and_masks_th
     from tokenizers import Tokenizer as Rust
     from transformers import PreTrainedTokenizerFast
 
+    from megadeep.config import load_config, resolve
+    from megadeep.data.loader import build_split
+    from megadeep.data.prepare import prepare_data
     from megadeep.data.tokenizer import train_hf_bpe
     from megadeep.finetune.chat import TemplateCodec, codec_of
 
@@ -124,18 +127,17 @@ def test_the_tokenizers_own_chat_template_gives_transformers_tokens_and_masks_th
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": PLANTED}) + "\n")
-
-    class Cfg:  # the two fields codec_of reads
-        data = type("D", (), {"tokenizer": str(folder)})
-        model = type("M", (), {"vocab_size": tok.get_vocab_size(with_added_tokens=True)})
-    codec = codec_of(Cfg)
-    assert isinstance(codec, TemplateCodec)
-    data, counts = read_conversations([str(path)], 200, codec)
+    cfg = load_config(None, ["data.format=chat", "data.source=tokens", f"data.tokenizer={folder}",
+                             f"data.paths=[{path}]", "train.seq_len=128", "model.max_seq_len=128"])
+    cfg = prepare_data(resolve(cfg, 1), log=lambda _: None)
+    assert cfg.model.vocab_size == tok.get_vocab_size(with_added_tokens=True)
+    assert isinstance(codec_of(cfg), TemplateCodec)
+    data = build_split(cfg).train
     hf = PreTrainedTokenizerFast.from_pretrained(str(folder))
     want = hf.apply_chat_template(PLANTED, tokenize=True)
     want = list(want["input_ids"] if hasattr(want, "keys") else want)  # BatchEncoding in transformers 5
     n = len(want)
-    assert data.tokens[0][:n].tolist() == list(want) and counts["kept"] == 1
+    assert data.tokens[0][:n].tolist() == list(want) and len(data) == 1
     trained = data.tokens[0][data.mask[0]].tolist()
     assert hf.decode(trained) == "Hello!<|im_end|>\nSee you<|im_end|>\n"
     # the mask is contiguous per assistant turn: two runs, each right after "<|im_start|>assistant\n"
