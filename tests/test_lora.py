@@ -122,3 +122,17 @@ def test_lora_run_resumes_from_its_adapter_checkpoint(runs, tmp_path):
     assert len(resumed) == 5 and resumed == straight[5:]
     ours, ref = adapters(second, SINGLE), adapters(tmp, SINGLE)
     assert all(torch.equal(ours[n], ref[n]) for n in ref)
+
+
+def test_lora_dropout_is_seeded_and_reproducible(runs):
+    """Two single-process runs with adapter dropout and the same seed give the same losses; the
+    dropout is live (the losses differ from the dropout-free run's)."""
+    tmp, base, results = runs
+    specs = ["tp=1,zero=0,run=a", "tp=1,zero=0,run=b"]  # run= only names a separate checkpoint folder
+    proc = subprocess.run([sys.executable, str(WORKERS / "lora.py"), str(tmp / "dropout.json"), str(tmp / "text.txt"),
+                           str(base), "finetune.lora.dropout=0.3", *specs],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = (read_json(tmp / "dropout.json")[s]["loss"] for s in specs)
+    assert a == b
+    assert max(abs(x - y) for x, y in zip(a, results[SINGLE]["loss"], strict=True)) > 1e-4

@@ -93,9 +93,9 @@ def prepare_data(cfg: RunConfig, build: bool = True, log: Callable[[str], None] 
         return cfg
     out = copy.deepcopy(cfg)
     if d.format == "chat":  # JSON lines tokenised when the run reads them (megadeep.finetune.chat)
-        from megadeep.data.tokenizer import Tokenizer
+        from megadeep.data.tokenizer import open_tokenizer
 
-        vocab = Tokenizer(d.tokenizer).vocab_size
+        vocab = open_tokenizer(d.tokenizer).vocab_size
         if cfg.model.vocab_size not in (0, vocab):
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but data.tokenizer has {vocab} pieces; "
                               "set model.vocab_size=0 to take it from the tokenizer")

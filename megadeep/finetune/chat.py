@@ -1,7 +1,9 @@
 """Supervised fine-tuning data: JSON lines of ``{"messages": [{"role", "content"}, ...]}``.
 
-Each conversation is rendered with the built-in template below, one conversation per row, padded to
-``train.seq_len + 1`` (so no sample attends to another: rows never share a sequence), and the loss
+Each conversation is rendered with ``data.tokenizer``'s own chat template when it is a Hugging Face
+folder whose ``tokenizer_config.json`` has one (see ``TemplateCodec``), else with the built-in
+template below, one conversation per row, padded to ``train.seq_len + 1`` (so no sample attends
+to another: rows never share a sequence), and the loss
 is taken on the assistant turns only (their content and the end marker); every other target is
 ``-100``, which the loss ignores. The template, per message::
 
@@ -44,8 +46,43 @@ def render(messages: list[dict]) -> list[tuple[str, bool]]:
     return out
 
 
+class TemplateCodec:
+    """A Hugging Face tokenizer folder whose ``tokenizer_config.json`` has a ``chat_template``, rendered
+    by transformers' ``apply_chat_template`` (the Jinja template, as the model's users render it). The
+    loss mask comes from rendering prefixes: an assistant turn's characters run from the end of the
+    conversation before it rendered with ``add_generation_prompt=True`` to the end of the conversation
+    through it (its content and whatever the template closes it with); a token is trained when its
+    first character lies there. Templates whose prefixes do not render as prefixes are refused."""
+
+    def __init__(self, path: str):
+        from transformers import PreTrainedTokenizerFast
+
+        self.tok = PreTrainedTokenizerFast.from_pretrained(path)
+        self.vocab_size = len(self.tok)
+
+    def _render(self, messages: list[dict], prompt: bool = False) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) if messages else ""
+
+    def conversation(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
+        text = self._render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                start, through = self._render(messages[:i], prompt=True), self._render(messages[:i + 1])
+                if not (text.startswith(through) and through.startswith(start)):
+                    raise DataError("data.tokenizer's chat_template does not render a conversation's prefixes as "
+                                    "prefixes; the assistant turns cannot be located")
+                spans.append((len(start), len(through)))
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        mask = [any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]
+        return list(enc["input_ids"]), mask
+
+
 def encode(messages: list[dict], codec) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of a conversation and whether each token is an assistant token (in the loss)."""
+    if isinstance(codec, TemplateCodec):
+        tokens, mask = codec.conversation(messages)
+        return np.array(tokens, dtype=np.int64), np.array(mask, dtype=bool)
     tokens, mask = [], []
     for text, trained in render(messages):
         ids = codec.encode(text)
@@ -79,12 +116,17 @@ class Conversations:
 
 
 def codec_of(cfg: RunConfig):
-    """Bytes, or ``data.tokenizer``, whose size must be the model's vocabulary."""
+    """Bytes, or ``data.tokenizer``, whose size must be the model's vocabulary: a Hugging Face folder
+    with a ``chat_template`` renders conversations with it, anything else with the built-in template."""
     from megadeep.inference.text import ByteCodec, PieceCodec
 
     if not cfg.data.tokenizer:
         return ByteCodec()
-    codec = PieceCodec(cfg.data.tokenizer)
+    config = Path(cfg.data.tokenizer) / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("chat_template"):
+        codec = TemplateCodec(cfg.data.tokenizer)
+    else:
+        codec = PieceCodec(cfg.data.tokenizer)
     if cfg.model.vocab_size != codec.vocab_size:
         raise DataError(f"model.vocab_size={cfg.model.vocab_size} but data.tokenizer has {codec.vocab_size} pieces")
     return codec
