@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from megadeep.checkpoint import mixtral
 from megadeep.checkpoint.convert import canonical_specs, open_source, write_checkpoint
 from megadeep.checkpoint.tensors import TensorReader
 from megadeep.config.load import to_dict
@@ -42,7 +43,7 @@ def hf_config(m: ModelConfig, dtype: str) -> dict:
     if m.deepnorm:
         raise CheckpointError("a model.deepnorm=true model (post-norm with α-scaled residuals) is not a Llama; "
                               "it cannot be exported to LlamaForCausalLM")
-    return {
+    config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": m.hidden_ffn,
         "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads,
@@ -52,9 +53,12 @@ def hf_config(m: ModelConfig, dtype: str) -> dict:
         "attention_dropout": m.attention_dropout, "initializer_range": m.init_std, "dtype": dtype,
         "use_cache": True,
     }
+    return mixtral.extend_config(config, m) if m.moe.enabled else config
 
 
 def model_config_from_hf(c: dict) -> ModelConfig:
+    if c.get("model_type") == "mixtral":
+        return mixtral.model_config(c, model_config_from_hf)
     if c.get("model_type") != "llama":
         raise CheckpointError(f"config.json has model_type {c.get('model_type')!r}; only llama is supported")
     rope = c.get("rope_parameters") or {"rope_type": "default", "rope_theta": c.get("rope_theta", 10000.0)}
@@ -85,18 +89,19 @@ def to_hf(name: str, t: torch.Tensor, blocks) -> dict[str, torch.Tensor]:
     prefix = f"model.layers.{layer}."
     if rest in FUSED:
         return {prefix + k: part for k, part in zip(FUSED[rest], t.split(list(blocks)), strict=True)}
-    return {prefix + LAYER_NAMES[rest]: t}
+    return {prefix + (LAYER_NAMES.get(rest) or mixtral.LAYER_NAMES[rest]): t}
 
 
-def from_hf(name: str, hf: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Our canonical tensor ``name`` from an HF state dict."""
+def from_hf(name: str, hf: dict[str, torch.Tensor], n_experts: int = 0) -> torch.Tensor:
+    """Our canonical tensor ``name`` from an HF state dict (``n_experts``: a Mixtral's)."""
     if name in TOP_NAMES:
         return _need(hf, TOP_NAMES[name])
     _, layer, rest = name.split(".", 2)
     prefix = f"model.layers.{layer}."
     if rest in FUSED:
         return torch.cat([_need(hf, prefix + k) for k in FUSED[rest]])
-    return _need(hf, prefix + LAYER_NAMES[rest])
+    moe = mixtral.from_hf(prefix, rest, hf, n_experts, _need)
+    return moe if moe is not None else _need(hf, prefix + LAYER_NAMES[rest])
 
 
 
@@ -170,6 +175,6 @@ def import_hf(folder: Path, dst_root: Path, tp: int = 1) -> Path:
             "zero_stage": None, "precision": "fp32", "config": to_dict(cfg), "optimizer": None, "rng": False,
             "source": f"huggingface:{folder}"}
     specs = canonical_specs(m)
-    return write_checkpoint(Path(dst_root), meta, specs, lambda kind, name: from_hf(name, hf).float(),
+    return write_checkpoint(Path(dst_root), meta, specs, lambda kind, name: from_hf(name, hf, m.moe.num_experts).float(),
                             ("model",), tp, m.padded_vocab(tp))
 

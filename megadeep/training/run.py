@@ -52,5 +52,5 @@ def resolve_run(cfg: RunConfig, device_type: str) -> ResolvedRun:
     here = device_type == "cuda" and torch.cuda.is_available()
     apex = apex_fused_adam() is not None if here else cfg.deepspeed.optimizer == "apex_fused"
     adam = resolve_adam(cfg.deepspeed.optimizer, opt != "none", device_type, device_type == "cuda" and apex)
-    return ResolvedRun(cfg, Layout(tp=p.tp, dp=p.dp, pp=p.pp), recipe, stage, opt, param, device_type, adam,
+    return ResolvedRun(cfg, Layout(tp=p.tp, dp=p.dp, pp=p.pp, ep=p.ep), recipe, stage, opt, param, device_type, adam,
                        megadeep_clips(cfg, recipe))

@@ -22,6 +22,7 @@ from megadeep.errors import RunAborted
 from megadeep.launch.env import bind_device, discover, init_distributed
 from megadeep.launch.placement import report_actual
 from megadeep.model import num_params
+from megadeep.model.moe import stats_record, stats_vector
 from megadeep.monitoring.comm import CommMeter
 from megadeep.monitoring.flops import peak_flops
 from megadeep.monitoring.metrics_log import MetricsLog, memory_mb
@@ -59,6 +60,7 @@ class StepResult:
     elapsed_s: float
     skipped: bool = False  # non-finite loss or gradient: no update was applied
     loss_spike: bool = False
+    moe: dict | None = None  # MoE router metrics (aux/z loss, per-expert load, dropped fraction), DP mean
 
 
 @dataclass
@@ -92,6 +94,11 @@ class Trainer:
         self.pipelined = run.pipelined
         ds_config = run.ds_config()
         model = build_model(run, self.device, ds_config)
+        if cfg.model.moe.enabled:
+            from megadeep.parallel.experts import deepspeed_moe_marker, register_with_deepspeed
+
+            register_with_deepspeed()
+            model.deepspeed_moe = deepspeed_moe_marker(cfg.model.moe.num_experts)
         if self.pipelined:
             from megadeep.pipeline import check_grid
 
@@ -137,12 +144,15 @@ class Trainer:
             extras["comm_bytes"] = self.comm.step()
         return extras
 
-    def _dp_mean(self, value: torch.Tensor) -> float:
+    def _dp_mean_vector(self, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().double().cpu()
         if groups.get_data_parallel_world_size() > 1:
             dist.all_reduce(value, group=groups.get_data_parallel_group())
             value /= groups.get_data_parallel_world_size()
-        return value.item()
+        return value
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        return self._dp_mean_vector(value).item()
 
     def train_step(self, after_backward: Callable[[int], None] | None = None) -> StepResult:
         """One optimizer step; ``after_backward(micro)`` runs after each micro-batch's backward, before
@@ -150,6 +160,7 @@ class Trainer:
         t = self.cfg.train
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]
+        moe = []  # per micro-batch router metrics (non-pipelined loop)
         if self.pipelined:  # 1F1B over grad_accum_steps micro-batches; the loss comes back DP-averaged
             if after_backward is not None:
                 raise NotImplementedError("per-micro-batch hooks need the non-pipelined loop (parallel.pp=1)")
@@ -159,6 +170,8 @@ class Trainer:
             for micro in range(t.grad_accum_steps):
                 tokens, targets = (x.to(self.device) for x in next(self.train_data))
                 loss = self.engine(tokens, targets)
+                if self.cfg.model.moe.enabled:
+                    moe.append(stats_vector(self.engine.module.moe_layers()))
                 self.engine.backward(loss)
                 if after_backward is not None:
                     after_backward(micro)
@@ -169,8 +182,10 @@ class Trainer:
         grad_norm = None if grad_norm is None else float(grad_norm)
         self.step += 1
         elapsed = time.perf_counter() - start
+        moe_stats = stats_record(self._dp_mean_vector(torch.stack(moe).mean(0))) if moe else None
         return StepResult(self.step, step_loss, float(lr), grad_norm,
-                          t.global_batch_size * t.seq_len / elapsed, elapsed, not self.engine.was_step_applied())
+                          t.global_batch_size * t.seq_len / elapsed, elapsed, not self.engine.was_step_applied(),
+                          moe=moe_stats)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
