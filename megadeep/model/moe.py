@@ -28,22 +28,9 @@ from torch import nn
 from megadeep import ops
 from megadeep.config.schema import ModelConfig
 from megadeep.parallel import comm, counter_rng, groups
-from megadeep.parallel.experts import all_to_all, exchange_counts, expert_group_name
+from megadeep.parallel.experts import all_to_all, exchange_counts, mark_expert
 from megadeep.parallel.layers import init_sharded_, normal_fill
 from megadeep.parallel.sharding import mark, shard
-
-
-def mark_expert(param: nn.Parameter, ep: int) -> nn.Parameter:
-    """Tag ``param`` as an expert parameter, the way DeepSpeed's MoE layer does (its engine and ZeRO
-    read ``allreduce`` and ``group_name``); ``expert_parallel`` tells megadeep's own code."""
-    param.allreduce = False
-    param.group_name = expert_group_name(ep)
-    param.expert_parallel = True
-    return param
-
-
-def is_expert(param: torch.Tensor) -> bool:
-    return getattr(param, "expert_parallel", False)
 
 
 def _expert_key(key: int, expert: int) -> int:

@@ -20,6 +20,19 @@ def expert_group_name(ep: int) -> str:
     return f"ep_size_{ep}"
 
 
+def mark_expert(param: torch.nn.Parameter, ep: int) -> torch.nn.Parameter:
+    """Tag ``param`` as an expert parameter, the way DeepSpeed's MoE layer does (its engine and ZeRO
+    read ``allreduce`` and ``group_name``); ``expert_parallel`` tells megadeep's own code."""
+    param.allreduce = False
+    param.group_name = expert_group_name(ep)
+    param.expert_parallel = True
+    return param
+
+
+def is_expert(param: torch.Tensor) -> bool:
+    return getattr(param, "expert_parallel", False)
+
+
 def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
     x = x.contiguous()
     out = x.new_empty((sum(recv), *x.shape[1:]))
@@ -89,3 +102,19 @@ def deepspeed_moe_marker(num_experts: int) -> torch.nn.Module:
             raise RuntimeError("the DeepSpeed MoE marker is not a layer")
 
     return DeepSpeedMoEMarker()
+
+
+def gather_experts(local: torch.Tensor) -> torch.Tensor:
+    """All ``E`` experts' tensor ``[E, ...]`` from every EP rank's ``[E/EP, ...]`` (collective over EP)."""
+    ep = groups.get_expert_parallel_world_size()
+    if ep == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(ep)]
+    dist.all_gather(parts, local.contiguous(), group=groups.get_expert_parallel_group())
+    return torch.cat(parts)
+
+
+def local_experts(full: torch.Tensor) -> torch.Tensor:
+    """This EP rank's consecutive experts of a full ``[E, ...]`` tensor."""
+    n = full.shape[0] // groups.get_expert_parallel_world_size()
+    return full.narrow(0, groups.get_expert_parallel_rank() * n, n)

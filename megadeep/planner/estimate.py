@@ -32,7 +32,7 @@ from megadeep.planner.hardware import Cluster, GiB
 from megadeep.planner.memory import (
     DTYPE_BYTES,
     ActivationShape,
-    layer_param_numels,
+    layers_param_numels,
     model_states,
     persistent_numel,
     stage_activation_bytes,
@@ -69,6 +69,7 @@ class Candidate:
     # runs, has no interleaving, so ``megadeep plan`` never proposes v > 1.
     virtual_stages: int = 1
     tp_overlap: bool = False  # TP collectives chunked under the GEMMs (Megatron-Core); megadeep: no
+    ep: int = 1  # MoE experts sharded over ep DP ranks (megadeep.parallel.layout)
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster, compute=None) -> Estim
     layers = stage_layers(m, c.tp, c.pp, w.partition_method)
 
     # --- memory of each pipeline stage's ranks; the busiest decides
-    numels = stage_param_numels(m, c.tp, c.pp, w.partition_method)
+    numels = stage_param_numels(m, c.tp, c.pp, w.partition_method, c.ep)
     shape = ActivationShape(w.seq, c.micro_batch, m, c.tp, c.sequence_parallel, w.flash, act_bytes=act_bytes)
     best = None
     for i in range(c.pp):
@@ -230,7 +231,7 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster, compute=None) -> Estim
     if r.stage in (1, 2):
         buffers += r.allgather_bucket * p_bytes
     if r.stage == 3:  # prefetched parameters and the largest layer gathered whole
-        buffers += (r.prefetch_bucket + sum(layer_param_numels(m, c.tp))) * p_bytes
+        buffers += (r.prefetch_bucket + max(map(sum, layers_param_numels(m, c.tp, c.ep)))) * p_bytes
 
     # --- compute: the slowest stage, per micro-batch
     times = [stage_time(w, c, comp, layers[i], i == c.pp - 1) for i in range(c.pp)]

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 from megadeep.model.accounting import (  # noqa: F401  (the planner's memory API, one accounting)
     ActivationShape,
+    expert_param_numel,
     layer_activation_bytes,
     layer_param_numels,
+    layers_param_numels,
     stage_activation_bytes,
 )
 from megadeep.pipeline.partition import stage_param_numels, stage_params  # noqa: F401
@@ -69,6 +71,11 @@ def rank_model_states(cfg, zero_stage: int, persistence_threshold: int, pp_rank:
     megadeep.model.accounting counts them, ZeRO-partitioned at ``zero_stage``; the stage and the
     persistence threshold are the resolved run's, read from its recipe once)."""
     p = cfg.parallel
-    numels = stage_param_numels(cfg.model, p.tp, p.pp, p.partition_method)[pp_rank]
-    return model_states(sum(numels), zero_stage, p.dp, cfg.train.precision,
-                        persistent=persistent_numel(numels, persistence_threshold))
+    numels = stage_param_numels(cfg.model, p.tp, p.pp, p.partition_method, p.ep)[pp_rank]
+    experts = expert_param_numel(cfg.model, p.tp, p.ep)  # MoE runs have pp=1: all on this stage
+    dense = model_states(sum(numels) - experts, zero_stage, p.dp, cfg.train.precision,
+                         persistent=persistent_numel(numels, persistence_threshold))
+    if not experts:
+        return dense
+    moe = model_states(experts, zero_stage, p.dp // p.ep, cfg.train.precision)  # over the expert-DP group
+    return ModelStates(dense.params + moe.params, dense.grads + moe.grads, dense.optimizer + moe.optimizer)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megadeep.parallel import groups
+from megadeep.parallel.experts import is_expert
 
 
 def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -41,8 +42,8 @@ def global_grad_norm(params) -> float:
     grads = [p for p in params
              if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
              and (getattr(p, "tensor_model_parallel", False) or first_tp_rank)]
-    total = sum_of_squares([p.grad.detach() for p in grads if not getattr(p, "expert_parallel", False)])
-    experts = sum_of_squares([p.grad.detach() for p in grads if getattr(p, "expert_parallel", False)])
+    total = sum_of_squares([p.grad.detach() for p in grads if not is_expert(p)])
+    experts = sum_of_squares([p.grad.detach() for p in grads if is_expert(p)])
     if groups.get_expert_parallel_world_size() > 1:
         dist.all_reduce(experts, group=groups.get_expert_parallel_group())
     total += experts

@@ -10,6 +10,7 @@ from torch import nn
 
 from megadeep.config.deepspeed import offload_devices
 from megadeep.errors import ConfigError
+from megadeep.parallel.experts import is_expert
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -23,7 +24,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    if not any(getattr(p, "expert_parallel", False) for p in decay + no_decay):
+    if not any(is_expert(p) for p in decay + no_decay):
         return out
     # MoE experts: own groups per expert group name ('moe': True), which DeepSpeed's engine and ZeRO
     # partition and reduce over the expert-data-parallel ranks
