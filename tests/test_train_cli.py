@@ -25,3 +25,23 @@ def test_cli_trains_tiny_config_on_4_processes(tmp_path):
     first, last = sum(r["loss"] for r in steps[:3]) / 3, sum(r["loss"] for r in steps[-3:]) / 3
     assert last < first - 1.2, (first, last)  # 2048-piece BPE: ln 2048 ≈ 7.6 → under 6.3
     assert any("val_loss" in r for r in records)
+
+
+def test_cli_trains_tiny_moe_config_on_4_processes(tmp_path):
+    """configs/tiny-moe.yaml: 8 experts, top-2, EP=4 over DP=4; the metrics log the router's numbers."""
+    metrics = tmp_path / "metrics.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "megadeep", "train", str(ROOT / "configs" / "tiny-moe.yaml"), "train.steps=20",
+         "optim.warmup_steps=5", "train.eval_every=20", f"log.metrics_file={metrics}", "--nproc", "4"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "layout TP=1 DP=4 PP=1 EP=4" in proc.stdout and "M active)" in proc.stdout, proc.stdout[-2000:]
+    steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    for r in steps:
+        moe = r["moe"]
+        assert abs(sum(moe["load"].values()) - 1) < 1e-6 and len(moe["load"]) == 8
+        assert moe["aux_loss"] >= 1 - 1e-6 and moe["dropped_fraction"] == 0 and moe["z_loss"] > 0
+    first, last = sum(r["loss"] for r in steps[:3]) / 3, sum(r["loss"] for r in steps[-3:]) / 3
+    assert last < first - 0.8, (first, last)

@@ -67,9 +67,10 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """``x``: this rank's tokens for its ``n_local`` experts, grouped by expert, ``counts`` each."""
-        out = []
-        for j, h in enumerate(x.split(counts)):
-            out.append(F.linear(ops.swiglu(F.linear(h, self.w13[j])), self.w2[j]))
+        # unbind: one backward op stacks every expert's gradient (indexing w13[j] would make each
+        # expert's backward write a zero tensor the size of all experts)
+        w13, w2 = self.w13.unbind(0), self.w2.unbind(0)
+        out = [F.linear(ops.swiglu(F.linear(h, w13[j])), w2[j]) for j, h in enumerate(x.split(counts))]
         return torch.cat(out) if out else x
 
 

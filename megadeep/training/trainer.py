@@ -22,6 +22,7 @@ from megadeep.errors import RunAborted
 from megadeep.launch.env import bind_device, discover, init_distributed
 from megadeep.launch.placement import report_actual
 from megadeep.model import num_params
+from megadeep.model.accounting import active_params
 from megadeep.model.moe import stats_record, stats_vector
 from megadeep.monitoring.comm import CommMeter
 from megadeep.monitoring.flops import peak_flops
@@ -128,8 +129,10 @@ class Trainer:
         params = model.canonical_parameters() if self.pipelined else dict(model.named_parameters())
         self.checkpoints = CheckpointManager(cfg, self.engine, params, self.device.type)
         if self.rank == 0 and cfg.log.progress:
-            print(f"megadeep: {cfg.name} | layout TP={p.tp} DP={p.dp} PP={p.pp} | "
-                  f"{num_params(cfg.model) / 1e6:.2f}M params | optimizer {self.optimizer_name} | device {self.device}", flush=True)
+            ep = f" EP={p.ep}" if p.ep > 1 else ""
+            active = f" ({active_params(cfg.model) / 1e6:.2f}M active)" if cfg.model.moe.enabled else ""
+            print(f"megadeep: {cfg.name} | layout TP={p.tp} DP={p.dp} PP={p.pp}{ep} | "
+                  f"{num_params(cfg.model) / 1e6:.2f}M params{active} | optimizer {self.optimizer_name} | device {self.device}", flush=True)
             if self.pipelined:
                 print(model.stage_map(), flush=True)
         self.maybe_resume()
