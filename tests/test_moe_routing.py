@@ -78,3 +78,40 @@ def test_dropless_drops_nothing_and_ties_go_to_the_lower_expert():
     r = route(logits, 3, 0.0)
     assert r.experts.tolist() == [[0, 1, 2], [2, 3, 0], [0, 1, 2]]
     torch.testing.assert_close(r.weights.sum(-1), torch.ones(3))
+
+
+def test_router_losses_get_their_gradient_through_the_layer_output():
+    """Backward of the LM loss alone gives the gradient of LM loss + the coefficients' share of every
+    MoE layer's router losses (computed here directly from each layer's input), all parameters."""
+    from megadeep.model import Transformer
+    from megadeep.model.moe import balance_loss, moe_layers, set_loss_scale
+
+    cfg = ModelConfig(vocab_size=64, dim=16, n_layers=3, n_heads=2, ffn_dim=32, max_seq_len=16,
+                      moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=8, every=1, aux_loss_coef=0.3, z_loss_coef=0.2))
+    model = Transformer(cfg)
+    model.init_weights(seed=3)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = []
+    hooks = [f.register_forward_hook(lambda mod, args, out: inputs.append((mod, args[0]))) for f in moe_layers(model)]
+
+    def grads(scale: float, explicit: bool):
+        inputs.clear()
+        model.zero_grad()
+        set_loss_scale(model, scale)
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        if explicit:
+            for f, x in inputs:
+                r = route(f.router(x.reshape(-1, 16)), 2, 0.0)
+                z = torch.logsumexp(r.logits, dim=-1).pow(2).mean()
+                loss = loss + (0.3 * balance_loss(r, 4)[0] + 0.2 * z) / len(inputs)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    injected, explicit = grads(1.0, False), grads(0.0, True)
+    for h in hooks:
+        h.remove()
+    assert injected["layers.1.feed_forward.router.weight"].abs().sum() > 0
+    for n in injected:
+        torch.testing.assert_close(injected[n], explicit[n], rtol=1e-5, atol=1e-7, msg=n)
+    without = grads(0.0, False)  # the router losses do change the router's gradient
+    assert not torch.allclose(without["layers.1.feed_forward.router.weight"], injected["layers.1.feed_forward.router.weight"])

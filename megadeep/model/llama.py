@@ -257,17 +257,7 @@ class Transformer(nn.Module):
         logits = tied_logits(self.tok_embeddings, h) if self.output is None else self.output(h)
         if targets is None:
             return logits  # [batch, seq, padded_vocab / TP]
-        loss = lm_loss(logits, targets, self.cfg.vocab_size)
-        return loss + self.router_loss() if self.cfg.moe.enabled else loss
-
-    def moe_layers(self) -> list[nn.Module]:
-        return [layer.feed_forward for layer in self.layers if self.cfg.is_moe_layer(layer.layer_id)]
-
-    def router_loss(self) -> torch.Tensor:
-        """The MoE layers' auxiliary losses of the last forward, averaged over layers, with their coefficients."""
-        moe, layers = self.cfg.moe, self.moe_layers()
-        return sum(moe.aux_loss_coef * f.stats["aux_loss"] + moe.z_loss_coef * f.stats["z_loss"]
-                   for f in layers) / len(layers)
+        return lm_loss(logits, targets, self.cfg.vocab_size)  # MoE router losses: see model/moe.py
 
     def init_weights(self, seed: int) -> None:
         init_weights(self, "", seed)

@@ -127,11 +127,30 @@ def balance_loss(r: Routing, num_experts: int) -> tuple[torch.Tensor, torch.Tens
     return num_experts * (load * r.probs.mean(dim=0)).sum(), load
 
 
+class _RouterLossGrad(torch.autograd.Function):
+    """Identity on the layer's output, whose backward also starts the router losses' backward with
+    gradient ``scale`` (Megatron's MoEAuxLossAutoScaler). The router losses thus train every layer's
+    router wherever it runs, though the LM loss (and DeepSpeed's backward) exist only on the last
+    pipeline stage, and under activation checkpointing (the recomputed forward carries them)."""
+
+    @staticmethod
+    def forward(ctx, out, loss, scale):
+        ctx.scale, ctx.like = scale, loss.detach()
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, torch.full_like(ctx.like, ctx.scale), None
+
+
 class MoEFeedForward(nn.Module):
     """Route, dispatch to the experts (over EP), combine; plus optional always-on shared experts.
 
-    After each forward ``stats`` holds the router's losses (with their graph: the model adds them to
-    its loss) and the detached load fractions and dropped-slot fraction for metrics."""
+    The router losses (aux_loss_coef · balance + z_loss_coef · z, averaged over the MoE layers) are
+    part of the training objective but not of the returned LM loss: their gradient enters through
+    ``_RouterLossGrad``, scaled by ``loss_scale``, the factor the engine applies to the LM loss before
+    backward (1 / grad_accum_steps, set by the trainer). After each forward ``stats`` holds the losses
+    and the load fractions and dropped-slot fraction, for metrics."""
 
     def __init__(self, cfg: ModelConfig, sequence_parallel: bool, fused: bool, std: float, out_std: float):
         super().__init__()
@@ -144,14 +163,17 @@ class MoEFeedForward(nn.Module):
         self.shared = (FeedForward(dataclasses.replace(cfg, ffn_dim=shared), sequence_parallel, fused, std, out_std)
                        if shared else None)
         self.stats: dict[str, torch.Tensor] = {}
+        self.layer_share = 1.0 / sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+        self.loss_scale = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, e = x.shape, self.moe.num_experts
         x = x.reshape(-1, shape[-1])
         r = route(self.router(x), self.moe.top_k, self.moe.capacity_factor)
         aux, load = balance_loss(r, e)
-        self.stats = {"aux_loss": aux, "z_loss": torch.logsumexp(r.logits, dim=-1).pow(2).mean(),
-                      "load": load.detach(), "dropped": 1.0 - r.keep.float().mean().detach()}
+        z = torch.logsumexp(r.logits, dim=-1).pow(2).mean()
+        self.stats = {"aux_loss": aux.detach(), "z_loss": z.detach(), "load": load.detach(),
+                      "dropped": 1.0 - r.keep.float().mean().detach()}
         token = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(r.experts)[r.keep]
         expert, weight = r.experts[r.keep], r.weights[r.keep]
         order = torch.argsort(expert, stable=True)  # grouped by expert, tokens in order within each
@@ -160,6 +182,9 @@ class MoEFeedForward(nn.Module):
         y = self._dispatch(comm.copy_to_tensor_parallel_region(x)[token], counts)
         out = torch.zeros_like(x).index_add(0, token, y * weight[:, None].to(y.dtype))
         out = out.view(shape)
+        if torch.is_grad_enabled() and aux.requires_grad:
+            router_loss = self.moe.aux_loss_coef * aux + self.moe.z_loss_coef * z
+            out = _RouterLossGrad.apply(out, router_loss, self.loss_scale * self.layer_share)
         return out if self.shared is None else out + self.shared(x.view(shape))
 
     def _dispatch(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -181,11 +206,21 @@ class MoEFeedForward(nn.Module):
         return all_to_all(y, recv_splits, send_splits)
 
 
+def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+def set_loss_scale(model: nn.Module, scale: float) -> None:
+    """The factor the engine scales the LM loss by before backward (1 / grad_accum_steps)."""
+    for m in moe_layers(model):
+        m.loss_scale = scale
+
+
 def stats_vector(layers: list[MoEFeedForward]) -> torch.Tensor:
     """The last forward's router metrics averaged over MoE layers, as one fp64 vector
     ``[aux_loss, z_loss, dropped, load_0 … load_{E-1}]`` (cheap to average over micro-batches and DP)."""
-    return torch.stack([torch.cat([torch.stack([f.stats["aux_loss"].detach(), f.stats["z_loss"].detach(),
-                                                f.stats["dropped"]]), f.stats["load"]]).double().cpu()
+    return torch.stack([torch.cat([torch.stack([f.stats["aux_loss"], f.stats["z_loss"], f.stats["dropped"]]),
+                                   f.stats["load"]]).double().cpu()
                         for f in layers]).mean(0)
 
 

@@ -23,7 +23,7 @@ from megadeep.launch.env import bind_device, discover, init_distributed
 from megadeep.launch.placement import report_actual
 from megadeep.model import num_params
 from megadeep.model.accounting import active_params
-from megadeep.model.moe import stats_record, stats_vector
+from megadeep.model.moe import moe_layers, set_loss_scale, stats_record, stats_vector
 from megadeep.monitoring.comm import CommMeter
 from megadeep.monitoring.flops import peak_flops
 from megadeep.monitoring.metrics_log import MetricsLog, memory_mb
@@ -100,6 +100,7 @@ class Trainer:
 
             register_with_deepspeed()
             model.deepspeed_moe = deepspeed_moe_marker(cfg.model.moe.num_experts)
+            set_loss_scale(model, 1.0 / cfg.train.grad_accum_steps)  # DeepSpeed's scaling of the LM loss
         if self.pipelined:
             from megadeep.pipeline import check_grid
 
@@ -174,7 +175,7 @@ class Trainer:
                 tokens, targets = (x.to(self.device) for x in next(self.train_data))
                 loss = self.engine(tokens, targets)
                 if self.cfg.model.moe.enabled:
-                    moe.append(stats_vector(self.engine.module.moe_layers()))
+                    moe.append(stats_vector(moe_layers(self.engine.module)))
                 self.engine.backward(loss)
                 if after_backward is not None:
                     after_backward(micro)
