@@ -1,4 +1,4 @@
-"""Expert parallelism trains the single-process MoE model: every (TP, EP, DP) layout × ZeRO 0/1/2 gives the
+"""Expert parallelism trains the single-process MoE model: every (TP, EP, DP, PP) layout × ZeRO 0/1/2 gives the
 same per-step loss, grad norm, router losses and per-expert load fractions over 10 steps (dropless routing;
 and with a capacity that drops tokens, the same dropped fraction too).
 
@@ -59,11 +59,12 @@ def test_reference_learns_and_routes(reference):
 
 
 @pytest.mark.parametrize("world,specs", [
-    # (TP, EP, DP) = (1, 2, 2)
+    # (TP, EP, DP, PP) = (1, 2, 2, 1)
     (2, ["ep=2,zero=0", "ep=2,zero=1", "ep=2,zero=2", f"ep=2,zero=1,{CAP}"]),
-    # (2, 2, 2), (1, 4, 4), and (1, 2, 4): expert grads averaged over an expert-data-parallel pair
+    # (2, 2, 2, 1), (1, 4, 4, 1), (1, 2, 4, 1): expert grads averaged over an expert-data-parallel pair,
+    # and (1, 2, 2, 2) with the pipeline engine (ZeRO 0/1 only there)
     (4, ["tp=2,ep=2,zero=0", "tp=2,ep=2,zero=1", "tp=2,ep=2,zero=2", "ep=4,zero=0", "ep=4,zero=1",
-         "ep=4,zero=2", "ep=2,zero=1", "ep=2,zero=2"]),
+         "ep=4,zero=2", "ep=2,zero=1", "ep=2,zero=2", "ep=2,pp=2,zero=0", "ep=2,pp=2,zero=1"]),
 ])
 def test_expert_parallel_layouts_match_single_process(world, specs, text, references, tmp_path):
     results = run_parity(tmp_path / "results.json", text, [f"{MOE},{s}" for s in specs], world)

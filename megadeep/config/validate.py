@@ -161,7 +161,6 @@ def _check_expert_parallel(cfg: RunConfig, dp: int) -> None:
              f"parallel.ep={p.ep} does not divide model.moe.num_experts={moe.num_experts}; use an ep that divides it")
     _require(dp % p.ep == 0, f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (experts are sharded "
                              "over DP ranks); use an ep dividing it, or change the process count")
-    _require(p.pp == 1, f"model.moe with parallel.pp={p.pp} is not supported yet; use pp=1")
     _require(not p.sequence_parallel, "model.moe with parallel.sequence_parallel is not supported yet; turn it off")
     _require(zero_stage(load_recipe(cfg.deepspeed.config)) <= 2,
              f"model.moe cannot run with ZeRO stage 3 ('{cfg.deepspeed.config}'): DeepSpeed's MoE supports ZeRO 0-2")

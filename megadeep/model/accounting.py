@@ -51,9 +51,10 @@ def layers_param_numels(m: ModelConfig, tp: int = 1, ep: int = 1) -> list[list[i
     return [layer_param_numels(m, tp, i, ep) for i in range(m.n_layers)]
 
 
-def expert_param_numel(m: ModelConfig, tp: int = 1, ep: int = 1) -> int:
-    """Routed-expert parameters one TP × EP rank holds (ZeRO partitions them over DP/EP, not DP)."""
-    n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
+def expert_param_numel(m: ModelConfig, tp: int = 1, ep: int = 1, layers=None) -> int:
+    """Routed-expert parameters one TP × EP rank holds in ``layers`` (default: all) — ZeRO partitions
+    them over DP/EP ranks, not DP."""
+    n_moe = sum(m.is_moe_layer(i) for i in (range(m.n_layers) if layers is None else layers))
     return n_moe * m.moe.num_experts // ep * 3 * m.expert_ffn * m.dim // tp if m.moe.enabled else 0
 
 

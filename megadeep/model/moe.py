@@ -164,6 +164,8 @@ class MoEFeedForward(nn.Module):
                        if shared else None)
         self.stats: dict[str, torch.Tensor] = {}
         self.layer_share = 1.0 / sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+        self.stats_sum: torch.Tensor | None = None
+        self.stats_count = 0
         self.loss_scale = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +176,10 @@ class MoEFeedForward(nn.Module):
         z = torch.logsumexp(r.logits, dim=-1).pow(2).mean()
         self.stats = {"aux_loss": aux.detach(), "z_loss": z.detach(), "load": load.detach(),
                       "dropped": 1.0 - r.keep.float().mean().detach()}
+        if self.training:  # summed over the step's micro-batches for the metrics (``take_stats``)
+            v = torch.cat([torch.stack([aux.detach(), z.detach(), self.stats["dropped"]]), load.detach()]).double()
+            self.stats_sum = v if self.stats_count == 0 else self.stats_sum + v
+            self.stats_count += 1
         token = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(r.experts)[r.keep]
         expert, weight = r.experts[r.keep], r.weights[r.keep]
         order = torch.argsort(expert, stable=True)  # grouped by expert, tokens in order within each
@@ -216,15 +222,20 @@ def set_loss_scale(model: nn.Module, scale: float) -> None:
         m.loss_scale = scale
 
 
-def stats_vector(layers: list[MoEFeedForward]) -> torch.Tensor:
-    """The last forward's router metrics averaged over MoE layers, as one fp64 vector
-    ``[aux_loss, z_loss, dropped, load_0 … load_{E-1}]`` (cheap to average over micro-batches and DP)."""
-    return torch.stack([torch.cat([torch.stack([f.stats["aux_loss"], f.stats["z_loss"], f.stats["dropped"]]),
-                                   f.stats["load"]]).double().cpu()
-                        for f in layers]).mean(0)
+def take_stats(model: nn.Module, num_experts: int) -> torch.Tensor:
+    """This rank's MoE layers' router metrics since the last call, each layer's averaged over its
+    training forwards, then summed over layers, as a CPU fp64 vector ``[layers, aux_loss, z_loss,
+    dropped, load_0 … load_{E-1}]`` (sums add up over pipeline stages; divide by ``layers``)."""
+    out = torch.zeros(4 + num_experts, dtype=torch.float64)
+    for f in moe_layers(model):
+        if f.stats_count:
+            out[0] += 1
+            out[1:] += (f.stats_sum / f.stats_count).cpu()
+            f.stats_sum, f.stats_count = None, 0
+    return out
 
 
 def stats_record(v: torch.Tensor) -> dict:
-    """``stats_vector`` as the metrics record's ``moe`` entry."""
+    """Averaged ``take_stats`` (without the layer count) as the metrics record's ``moe`` entry."""
     return {"aux_loss": v[0].item(), "z_loss": v[1].item(), "dropped_fraction": v[2].item(),
             "load": {str(e): x for e, x in enumerate(v[3:].tolist())}}

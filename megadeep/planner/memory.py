@@ -21,7 +21,7 @@ from megadeep.model.accounting import (  # noqa: F401  (the planner's memory API
     layers_param_numels,
     stage_activation_bytes,
 )
-from megadeep.pipeline.partition import stage_param_numels, stage_params  # noqa: F401
+from megadeep.pipeline.partition import stage_bounds, stage_param_numels, stage_params  # noqa: F401
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -72,7 +72,9 @@ def rank_model_states(cfg, zero_stage: int, persistence_threshold: int, pp_rank:
     persistence threshold are the resolved run's, read from its recipe once)."""
     p = cfg.parallel
     numels = stage_param_numels(cfg.model, p.tp, p.pp, p.partition_method, p.ep)[pp_rank]
-    experts = expert_param_numel(cfg.model, p.tp, p.ep)  # MoE runs have pp=1: all on this stage
+    bounds = stage_bounds(cfg.model, p.tp, p.pp, p.partition_method)  # pipeline layers; layer i is block i-1
+    blocks = [i - 1 for i in range(bounds[pp_rank], bounds[pp_rank + 1]) if 1 <= i <= cfg.model.n_layers]
+    experts = expert_param_numel(cfg.model, p.tp, p.ep, blocks)
     dense = model_states(sum(numels) - experts, zero_stage, p.dp, cfg.train.precision,
                          persistent=persistent_numel(numels, persistence_threshold))
     if not experts:

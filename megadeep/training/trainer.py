@@ -23,7 +23,7 @@ from megadeep.launch.env import bind_device, discover, init_distributed
 from megadeep.launch.placement import report_actual
 from megadeep.model import num_params
 from megadeep.model.accounting import active_params
-from megadeep.model.moe import moe_layers, set_loss_scale, stats_record, stats_vector
+from megadeep.model.moe import set_loss_scale, stats_record, take_stats
 from megadeep.monitoring.comm import CommMeter
 from megadeep.monitoring.flops import peak_flops
 from megadeep.monitoring.metrics_log import MetricsLog, memory_mb
@@ -164,7 +164,6 @@ class Trainer:
         t = self.cfg.train
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]
-        moe = []  # per micro-batch router metrics (non-pipelined loop)
         if self.pipelined:  # 1F1B over grad_accum_steps micro-batches; the loss comes back DP-averaged
             if after_backward is not None:
                 raise NotImplementedError("per-micro-batch hooks need the non-pipelined loop (parallel.pp=1)")
@@ -174,8 +173,6 @@ class Trainer:
             for micro in range(t.grad_accum_steps):
                 tokens, targets = (x.to(self.device) for x in next(self.train_data))
                 loss = self.engine(tokens, targets)
-                if self.cfg.model.moe.enabled:
-                    moe.append(stats_vector(moe_layers(self.engine.module)))
                 self.engine.backward(loss)
                 if after_backward is not None:
                     after_backward(micro)
@@ -186,10 +183,18 @@ class Trainer:
         grad_norm = None if grad_norm is None else float(grad_norm)
         self.step += 1
         elapsed = time.perf_counter() - start
-        moe_stats = stats_record(self._dp_mean_vector(torch.stack(moe).mean(0))) if moe else None
         return StepResult(self.step, step_loss, float(lr), grad_norm,
                           t.global_batch_size * t.seq_len / elapsed, elapsed, not self.engine.was_step_applied(),
-                          moe=moe_stats)
+                          moe=self._moe_metrics())
+
+    def _moe_metrics(self) -> dict | None:
+        """The step's router metrics, averaged over micro-batches, MoE layers (on every pipeline stage) and DP."""
+        if not self.cfg.model.moe.enabled:
+            return None
+        v = take_stats(self.engine.module, self.cfg.model.moe.num_experts)
+        if groups.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(v, group=groups.get_pipeline_model_parallel_group())
+        return stats_record(self._dp_mean_vector(v[1:] / v[0]))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
