@@ -1,6 +1,6 @@
 """MoE checkpoints reshard across expert-parallel sizes: a run saved at EP=2 continues at EP=1 and EP=4
-(weights, Adam moments and data position), and back from EP=1 to EP=2, with the losses of continuing
-unchanged (checkpoint files hold all experts, gathered over EP; each rank loads its own)."""
+(weights, Adam moments and data position), into a pipeline (EP=2 × PP=2), and back from EP=1 to EP=2, with
+the losses of continuing unchanged (checkpoint files hold all experts, gathered over EP; each rank loads its own)."""
 import pytest
 
 from tests.helpers import rel_err, write_text
@@ -28,9 +28,11 @@ def test_expert_parallel_reshard(text, tmp_path):
         {"name": "ep4", "overrides": MOE + ["parallel.ep=4", "deepspeed.config=zero0", f"checkpoint.resume={step5}"]},
         {"name": "back", "overrides": MOE + ["parallel.ep=2", "deepspeed.config=zero1",
                                              f"checkpoint.resume={ep1_dir / 'step_00000007'}"]},
+        {"name": "pp2", "overrides": MOE + ["parallel.ep=2", "parallel.pp=2", "deepspeed.config=zero1",
+                                            f"checkpoint.resume={step5}"]},
     ])
     ref = results["src"]["loss"][5:]
-    for name, start in (("ep1", 5), ("ep4", 5), ("back", 7)):
+    for name, start in (("ep1", 5), ("ep4", 5), ("back", 7), ("pp2", 5)):
         r = results[name]
         assert r["start"] == start and r["steps"] == list(range(start + 1, 11)), (name, r)
         err = rel_err(r["loss"], ref[start - 5:])

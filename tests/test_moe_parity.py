@@ -60,7 +60,7 @@ def test_reference_learns_and_routes(reference):
 
 @pytest.mark.parametrize("world,specs", [
     # (TP, EP, DP, PP) = (1, 2, 2, 1)
-    (2, ["ep=2,zero=0", "ep=2,zero=1", "ep=2,zero=2", f"ep=2,zero=1,{CAP}"]),
+    (2, ["ep=2,zero=0", "ep=2,zero=1", "ep=2,zero=2", f"ep=2,zero=1,{CAP}", "ep=2,zero=1,ckpt"]),
     # (2, 2, 2, 1), (1, 4, 4, 1), (1, 2, 4, 1): expert grads averaged over an expert-data-parallel pair,
     # and (1, 2, 2, 2) with the pipeline engine (ZeRO 0/1 only there)
     (4, ["tp=2,ep=2,zero=0", "tp=2,ep=2,zero=1", "tp=2,ep=2,zero=2", "ep=4,zero=0", "ep=4,zero=1",

@@ -147,8 +147,6 @@ def _check_moe_model(cfg: RunConfig) -> None:
     _require(moe.aux_loss_coef >= 0 and moe.z_loss_coef >= 0, "model.moe.aux_loss_coef and z_loss_coef must be ≥ 0")
     _require(m.expert_ffn % tp == 0,
              f"expert FFN width {m.expert_ffn} is not divisible by parallel.tp={tp}; set model.moe.ffn_dim to a multiple of tp")
-    _require(not m.activation_checkpointing,
-             "model.activation_checkpointing with model.moe is not supported yet; set one of them off")
 
 
 def _check_expert_parallel(cfg: RunConfig, dp: int) -> None:
