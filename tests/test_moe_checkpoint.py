@@ -1,8 +1,10 @@
 """MoE checkpoints reshard across expert-parallel sizes: a run saved at EP=2 continues at EP=1 and EP=4
 (weights, Adam moments and data position), into a pipeline (EP=2 × PP=2), and back from EP=1 to EP=2, with
-the losses of continuing unchanged (checkpoint files hold all experts, gathered over EP; each rank loads its own)."""
+the losses of continuing unchanged (checkpoint files hold all experts, gathered over EP; each rank loads its own);
+exported as transformers' Mixtral, it gives the run's loss."""
 import pytest
 
+from megadeep.checkpoint.hf import export_hf
 from tests.helpers import rel_err, write_text
 from tests.test_checkpoint_train import launch
 
@@ -38,3 +40,25 @@ def test_expert_parallel_reshard(text, tmp_path):
         err = rel_err(r["loss"], ref[start - 5:])
         print(f"EP=2 -> {name}: loss rel err {err:.2e}")
         assert err < TOL, (name, r["loss"], ref)
+
+    # the EP=2 checkpoint exported as Mixtral: transformers' loss on step 6's batch is the run's
+    hf_loss = mixtral_loss(export_hf(step5, tmp_path / "hf"), text, consumed=5 * 8)
+    err = rel_err([hf_loss], [ref[0]])
+    print(f"EP=2 checkpoint -> MixtralForCausalLM: step 6 loss rel err {err:.2e}")
+    assert err < TOL
+
+
+def mixtral_loss(folder, text, consumed: int) -> float:
+    import torch
+    from transformers import MixtralForCausalLM
+
+    from megadeep.config import load_config, resolve
+    from megadeep.data.loader import Loader, build_split
+    from tests.workers.ckpt import TINY
+
+    cfg = resolve(load_config(None, TINY + MOE + [f"data.paths=[{text}]"]), 1)
+    tokens, targets = next(Loader(build_split(cfg).train, cfg.train.global_batch_size, 0, 1, cfg.train.seed, consumed))
+    model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(tokens).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
