@@ -157,17 +157,24 @@ def test_memory_matches_zero_formula_dp2(stage, precision, dp2):
     assert_matches_formula(rows, stage, f"zero{stage} {precision} DP=2")
 
 
-def test_memory_matches_zero_formula_dp4(text, tmp_path):
-    specs = [f"deepspeed.config=zero{s},train.steps=2" for s in range(4)]
-    specs.append("deepspeed.config=zero2,train.steps=2,parallel.tp=2")  # TP=2 × DP=2: TP-local parameter counts
+def memory_on_4_ranks(text, tmp_path, specs: list[str]) -> dict:
+    """Train ``specs`` (each naming deepspeed.config=zeroN) on 4 ranks; every rank's measured model
+    states match the formula. Returns the results by spec."""
     out = tmp_path / "results.json"
     run_torchrun("ds_configs.py", 4, str(out), str(base_yaml(tmp_path, text, 16)), *specs, timeout=900)
     results = read_json(out)
     for spec in specs:
         rows = results[spec]["memory"]
         assert len(rows) == 4
-        stage = int(spec.split(",")[0][-1])
+        stage = int(spec.split("deepspeed.config=zero")[1][0])
         assert_matches_formula(rows, stage, spec)
+    return results
+
+
+def test_memory_matches_zero_formula_dp4(text, tmp_path):
+    specs = [f"deepspeed.config=zero{s},train.steps=2" for s in range(4)]
+    specs.append("deepspeed.config=zero2,train.steps=2,parallel.tp=2")  # TP=2 × DP=2: TP-local parameter counts
+    results = memory_on_4_ranks(text, tmp_path, specs)
     # ZeRO really partitions: stage 3 holds less than stage 0 on every rank
     totals = [sum(r[c] for c in ("params", "grads", "optimizer")) for r in results[specs[3]]["memory"]]
     assert max(totals) < 0.5 * sum(results[specs[0]]["memory"][0][c] for c in ("params", "grads", "optimizer"))

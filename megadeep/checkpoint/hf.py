@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from megadeep.checkpoint import mixtral
 from megadeep.checkpoint.convert import canonical_specs, open_source, write_checkpoint
 from megadeep.checkpoint.tensors import TensorReader
 from megadeep.config.load import to_dict, typed
@@ -153,7 +154,7 @@ def hf_config(m: ModelConfig, dtype: str) -> dict:
         "qwen2": {"sliding_window": m.sliding_window or None, "use_sliding_window": False,
                   "max_window_layers": m.n_layers},
     }[m.family]
-    return {
+    config = {
         "architectures": [FAMILIES[m.family]["architecture"]], "model_type": m.family,
         "vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": m.hidden_ffn,
         "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads,
@@ -162,10 +163,13 @@ def hf_config(m: ModelConfig, dtype: str) -> dict:
         "attention_dropout": m.attention_dropout, "initializer_range": m.init_std, "dtype": dtype,
         "use_cache": True,
     }
+    return mixtral.extend_config(config, m) if m.moe.enabled else config
 
 
 def model_config_from_hf(c: dict) -> ModelConfig:
     """The ModelConfig of a config.json; every key is either modelled, known not to matter, or refused."""
+    if c.get("model_type") == "mixtral":
+        return mixtral.model_config(c, model_config_from_hf)
     family = c.get("model_type")
     if family not in FAMILIES:
         raise _refuse("model_type", f"'{family}' is not one of the families megadeep imports ({', '.join(FAMILIES)})")
@@ -208,18 +212,27 @@ def hf_names(name: str) -> tuple[str, ...]:
         return (TOP_NAMES[name],)
     _, layer, rest = name.split(".", 2)
     prefix = f"model.layers.{layer}."
-    return tuple(prefix + k for k in (FUSED[rest] if rest in FUSED else (LAYER_NAMES[rest],)))
+    return tuple(prefix + k for k in (FUSED[rest] if rest in FUSED else
+                                      (LAYER_NAMES.get(rest) or mixtral.LAYER_NAMES[rest],)))
 
 
-def from_hf(name: str, hf: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Our canonical tensor ``name`` from an HF state dict."""
+def from_hf(name: str, hf: dict[str, torch.Tensor], n_experts: int = 0) -> torch.Tensor:
+    """Our canonical tensor ``name`` from an HF state dict (``n_experts``: a Mixtral's, whose experts may
+    be stored one by one)."""
+    if name not in TOP_NAMES:
+        _, layer, rest = name.split(".", 2)
+        moe = mixtral.from_hf(f"model.layers.{layer}.", rest, hf, n_experts, _need)
+        if moe is not None:
+            return moe
     return torch.cat([_need(hf, k) for k in hf_names(name)])
 
 
-def _check_all_used(hf: dict, specs: dict, tied: bool) -> None:
+def _check_all_used(hf: dict, specs: dict, tied: bool, n_experts: int = 0) -> None:
     """Every HF tensor must land somewhere: one left over (a bias, an extra norm) is computation
     megadeep would silently drop."""
     used = {k for name in specs for k in hf_names(name)} | ({"lm_head.weight"} if tied else set())
+    used |= {k for name in specs if name not in TOP_NAMES
+             for k in mixtral.legacy_names(f"model.layers.{name.split('.')[1]}.", name.split(".", 2)[2], n_experts)}
     extra = sorted(k for k in hf if k not in used and not k.endswith("rotary_emb.inv_freq"))  # a cache, not a weight
     if extra:
         raise CheckpointError(f"the Hugging Face weights hold '{extra[0]}' ({len(extra)} unused tensor(s)), which "
@@ -309,8 +322,8 @@ def import_hf(folder: Path, dst_root: Path, tp: int = 1) -> Path:
             "zero_stage": None, "precision": "fp32", "config": to_dict(cfg), "optimizer": None, "rng": False,
             "source": f"huggingface:{folder}", "tokenizer": tok.identity() if tok is not None else None}
     specs = canonical_specs(m)
-    _check_all_used(hf, specs, m.tie_embeddings)
-    step = write_checkpoint(Path(dst_root), meta, specs, lambda kind, name: from_hf(name, hf).float(),
+    _check_all_used(hf, specs, m.tie_embeddings, m.moe.num_experts)
+    step = write_checkpoint(Path(dst_root), meta, specs, lambda kind, name: from_hf(name, hf, m.moe.num_experts).float(),
                             ("model",), tp, m.padded_vocab(tp))
     write_train_config(Path(dst_root) / TRAIN_CONFIG, cfg, step)
     return step

@@ -29,6 +29,7 @@ from megadeep.config.load import to_dict
 from megadeep.config.schema import ModelConfig, RunConfig
 from megadeep.errors import ConfigError
 from megadeep.parallel import groups
+from megadeep.parallel.experts import gather_experts, is_expert, local_experts
 
 log = logging.getLogger("megadeep.checkpoint")
 
@@ -119,7 +120,11 @@ class CheckpointManager:
 
     def _specs(self) -> dict[str, dict]:
         tp, stage, vocab = self.layout.tp, self.coord.pp, self.cfg.model.vocab_size
-        return {n: ParamSpec.of(n, p, tp, stage, vocab).to_json() for n, p in self.params.items()}
+        specs = {n: ParamSpec.of(n, p, tp, stage, vocab) for n, p in self.params.items()}
+        for n, p in self.params.items():
+            if is_expert(p):  # files hold all experts (gathered over EP), so any EP size can read them
+                specs[n].shape[0] *= self.layout.ep
+        return {n: s.to_json() for n, s in specs.items()}
 
     def save(self, state: TrainState, background: bool = False) -> Path:
         """Checkpoint ``state``. Training pauses only for the snapshot to host memory (the collectives
@@ -143,6 +148,8 @@ class CheckpointManager:
             tensors = {}
             for name, p in self.params.items():
                 t = self.state.get(p, kind)  # collective over DP under ZeRO; a copy, never a view
+                if is_expert(p):
+                    t = gather_experts(t)  # collective over EP
                 if writer:
                     tensors[name] = self._to_host(kind, name, t)
             if writer:
@@ -290,7 +297,8 @@ class CheckpointManager:
 
     def _layout_meta(self) -> dict:
         p = self.layout
-        return {"tp": p.tp, "pp": p.pp, "dp": p.dp, **({"cp": p.cp} if p.cp > 1 else {})}
+        return {"tp": p.tp, "pp": p.pp, "dp": p.dp, **({"cp": p.cp} if p.cp > 1 else {}),
+                **({"ep": p.ep} if p.ep > 1 else {})}
 
     def _same_layout(self, ckpt: store.Checkpoint) -> bool:
         return ckpt.meta["layout"] == self._layout_meta()
@@ -333,7 +341,8 @@ class CheckpointManager:
             self.state.ensure_state()
         for name, p in self.params.items():
             for kind in kinds:
-                self.state.set(p, kind, reader.piece(kind, name, tp_rank, tp, padded).to(p.device))
+                piece = reader.piece(kind, name, tp_rank, tp, padded)
+                self.state.set(p, kind, (local_experts(piece) if is_expert(p) else piece).to(p.device))
         small = ckpt.meta.get("optimizer")
         if small is not None:
             self.state.load_small_state(small)

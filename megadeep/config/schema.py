@@ -34,6 +34,24 @@ class RopeScaling:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts FFNs (Mixtral-style SwiGLU experts, softmax router, top-k)."""
+
+    num_experts: int = 0  # 0: dense FFNs everywhere
+    top_k: int = 2
+    ffn_dim: int | None = None  # each expert's hidden size; None: the model's FFN width
+    every: int = 1  # layers i with (i + 1) % every == 0 are MoE (1: all of them)
+    shared_experts: int = 0  # always-on SwiGLU experts of ffn_dim each, added to the routed output
+    aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss E·Σ f_e·P_e, averaged over MoE layers
+    z_loss_coef: float = 0.0  # router z-loss mean(logsumexp(logits)²)
+    capacity_factor: float = 0.0  # 0: dropless; else each expert takes ≤ ceil(cf·tokens·k/E) per micro-batch
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 0  # 0: from the data (256 for data.source=bytes, the tokenizer's size for tokens)
     dim: int = 128
@@ -59,6 +77,7 @@ class ModelConfig:
     vocab_pad_unit: int = 64  # vocab is padded to a multiple of TP × this
     activation_checkpointing: bool = False
     fused_kernels: str = "auto"  # auto | on | off: megadeep's csrc RMSNorm/SwiGLU
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def kv_heads(self) -> int:
@@ -75,6 +94,13 @@ class ModelConfig:
         m = self.ffn_multiple_of
         return m * ((int(8 * self.dim / 3) + m - 1) // m)
 
+    @property
+    def expert_ffn(self) -> int:
+        return self.moe.ffn_dim or self.hidden_ffn
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return self.moe.enabled and (layer_id + 1) % self.moe.every == 0
+
     def padded_vocab(self, tp: int) -> int:
         unit = tp * self.vocab_pad_unit
         return unit * ((self.vocab_size + unit - 1) // unit)
@@ -90,6 +116,7 @@ class ParallelConfig:
     pipeline_checkpoint_interval: int = 0  # activation checkpointing every k layers of a stage
     cp: int = 1  # context parallel: ranks splitting every sequence (zig-zag), between TP and DP in rank order
     cp_attention: str = "auto"  # auto | ulysses (all-to-all over heads) | allgather (all-gather K/V)
+    ep: int = 1  # expert parallel: MoE experts sharded over groups of ep consecutive DP ranks
 
 
 @dataclass

@@ -131,6 +131,7 @@ def _check_model(cfg: RunConfig) -> None:
         "model.deepnorm and model.residual_scaling are two different deep-model inits; set one of them to false",
     )
     _check_rope_and_family(m)
+    _check_moe_model(cfg)
 
 
 def _check_rope_and_family(m) -> None:
@@ -152,6 +153,40 @@ def _check_rope_and_family(m) -> None:
     _require(m.sliding_window == 0 or m.sliding_window >= m.max_seq_len,
              f"model.sliding_window={m.sliding_window} is shorter than model.max_seq_len={m.max_seq_len}: "
              "megadeep's attention has no sliding window; set model.max_seq_len ≤ the window")
+
+
+def _check_moe_model(cfg: RunConfig) -> None:
+    m, moe, tp = cfg.model, cfg.model.moe, cfg.parallel.tp
+    _require(moe.num_experts >= 0, f"model.moe.num_experts must be ≥ 0 (0: dense), got {moe.num_experts}")
+    if not moe.enabled:
+        return
+    _require(1 <= moe.top_k <= moe.num_experts,
+             f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}")
+    _require(1 <= moe.every <= m.n_layers,
+             f"model.moe.every={moe.every} must be between 1 and model.n_layers={m.n_layers} (else no layer is MoE)")
+    _require(moe.ffn_dim is None or moe.ffn_dim >= 1, f"model.moe.ffn_dim must be ≥ 1 (or null), got {moe.ffn_dim}")
+    _require(moe.shared_experts >= 0, f"model.moe.shared_experts must be ≥ 0, got {moe.shared_experts}")
+    _require(moe.capacity_factor >= 0, f"model.moe.capacity_factor must be ≥ 0 (0: dropless), got {moe.capacity_factor}")
+    _require(moe.aux_loss_coef >= 0 and moe.z_loss_coef >= 0, "model.moe.aux_loss_coef and z_loss_coef must be ≥ 0")
+    _require(m.expert_ffn % tp == 0,
+             f"expert FFN width {m.expert_ffn} is not divisible by parallel.tp={tp}; set model.moe.ffn_dim to a multiple of tp")
+
+
+def _check_expert_parallel(cfg: RunConfig, dp: int) -> None:
+    p, moe = cfg.parallel, cfg.model.moe
+    _require(p.ep >= 1, f"parallel.ep must be ≥ 1, got {p.ep}")
+    if not moe.enabled:
+        _require(p.ep == 1, f"parallel.ep={p.ep} needs an MoE model (model.moe.num_experts > 0)")
+        return
+    _require(p.cp == 1, f"model.moe with parallel.cp={p.cp} is not supported yet (expert groups do not span CP); "
+                        "set parallel.cp=1")
+    _require(moe.num_experts % p.ep == 0,
+             f"parallel.ep={p.ep} does not divide model.moe.num_experts={moe.num_experts}; use an ep that divides it")
+    _require(dp % p.ep == 0, f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (experts are sharded "
+                             "over DP ranks); use an ep dividing it, or change the process count")
+    _require(not p.sequence_parallel, "model.moe with parallel.sequence_parallel is not supported yet; turn it off")
+    _require(zero_stage(load_recipe(cfg.deepspeed.config)) <= 2,
+             f"model.moe cannot run with ZeRO stage 3 ('{cfg.deepspeed.config}'): DeepSpeed's MoE supports ZeRO 0-2")
 
 
 def check_model_alone(cfg: RunConfig) -> None:
@@ -406,5 +441,6 @@ def resolve(cfg: RunConfig, world_size: int, require_data: bool = True) -> RunCo
     if cfg.data.source == "bytes" and cfg.data.document_sep < 0:
         out.data.document_sep = NEWLINE  # bytes have no eos: a line is a document
     out.parallel.dp = world_size // (cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp)
+    _check_expert_parallel(cfg, out.parallel.dp)
     out.train.grad_accum_steps = _check_batch(cfg, out.parallel.dp)
     return out

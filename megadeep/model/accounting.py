@@ -31,13 +31,40 @@ from megadeep.config.schema import ModelConfig
 
 # --- parameters -----------------------------------------------------------------------------------
 
-def layer_param_numels(m: ModelConfig, tp: int = 1) -> list[int]:
-    """Sizes of one decoder layer's parameters on one TP rank: wqkv (q|k|v fused), wo, w13 (gate|up),
-    w2 and the two norm weights (replicated, not split), and wqkv's bias if the model has one. ZeRO-3's
-    persistence threshold applies to these tensors as they are, so the fused ones must not be counted as parts."""
+def layer_param_numels(m: ModelConfig, tp: int = 1, layer_id: int = 0, ep: int = 1) -> list[int]:
+    """Sizes of one decoder layer's parameters on one TP rank: wqkv (q|k|v fused), wo, the FFN and the
+    two norm weights (replicated, not split). A dense FFN is w13 (gate|up) and w2; an MoE one
+    (``layer_id`` decides, megadeep/model/moe.py) the router (replicated), this EP rank's E/EP experts'
+    w13 and w2 stacked, and the shared experts' w13 and w2. ZeRO-3's persistence threshold applies to
+    these tensors as they are, so the fused ones must not be counted as parts. wqkv's bias (if the model
+    has one) comes last."""
     d, q, kv, f = m.dim, m.n_heads * m.head_dim, m.kv_heads * m.head_dim, m.hidden_ffn
     bias = [(q + 2 * kv) // tp] if m.qkv_bias else []
-    return [d * (q + 2 * kv) // tp, q * d // tp, 2 * f * d // tp, f * d // tp, d, d, *bias]
+    attention, rest = [d * (q + 2 * kv) // tp, q * d // tp], [d, d, *bias]  # rest: norms, bias
+    if not m.is_moe_layer(layer_id):
+        return [*attention, 2 * f * d // tp, f * d // tp, *rest]
+    e, fe, shared = m.moe.num_experts, m.expert_ffn, m.moe.shared_experts * m.expert_ffn
+    ffn = [e * d, e // ep * 2 * fe * d // tp, e // ep * fe * d // tp]
+    if shared:
+        ffn += [2 * shared * d // tp, shared * d // tp]
+    return [*attention, *ffn, *rest]
+
+
+def layers_param_numels(m: ModelConfig, tp: int = 1, ep: int = 1) -> list[list[int]]:
+    """``layer_param_numels`` of every layer, in order."""
+    return [layer_param_numels(m, tp, i, ep) for i in range(m.n_layers)]
+
+
+def expert_param_numel(m: ModelConfig, tp: int = 1, ep: int = 1, layers=None) -> int:
+    """Routed-expert parameters one TP × EP rank holds in ``layers`` (default: all) — ZeRO partitions
+    them over DP/EP ranks, not DP."""
+    n_moe = sum(m.is_moe_layer(i) for i in (range(m.n_layers) if layers is None else layers))
+    return n_moe * m.moe.num_experts // ep * 3 * m.expert_ffn * m.dim // tp if m.moe.enabled else 0
+
+
+def inactive_expert_params(m: ModelConfig) -> int:
+    """Parameters of the routed experts a token does not use: (E - top_k) experts in each MoE layer."""
+    return expert_param_numel(m) // m.moe.num_experts * (m.moe.num_experts - m.moe.top_k) if m.moe.enabled else 0
 
 
 def embedding_numel(m: ModelConfig, tp: int = 1) -> int:
@@ -48,17 +75,23 @@ def embedding_numel(m: ModelConfig, tp: int = 1) -> int:
 def num_params(m: ModelConfig) -> int:
     """Parameters of the full (TP=1) model, unpadded vocabulary, the tied head counted once."""
     table = m.vocab_size * m.dim
-    return table * (1 if m.tie_embeddings else 2) + m.n_layers * sum(layer_param_numels(m)) + m.dim
+    return table * (1 if m.tie_embeddings else 2) + sum(map(sum, layers_param_numels(m))) + m.dim
+
+
+def active_params(m: ModelConfig) -> int:
+    """Parameters one token's forward uses: all of a dense model; an MoE model's top_k routed experts
+    per MoE layer, not all E (the router and shared experts count)."""
+    return num_params(m) - inactive_expert_params(m)
 
 
 def matmul_params(m: ModelConfig) -> int:
-    """N of the model-FLOPs formula: every parameter but an untied input embedding (a lookup)."""
-    n = num_params(m)
+    """N of the model-FLOPs formula: every active parameter but an untied input embedding (a lookup)."""
+    n = active_params(m)
     return n if m.tie_embeddings else n - m.vocab_size * m.dim
 
 
 def flops_per_token(m: ModelConfig, seq: int) -> float:
-    """Model FLOPs per trained token (forward and backward): 6·N + 12·L·h·s."""
+    """Model FLOPs per trained token (forward and backward): 6·N_active + 12·L·h·s."""
     return 6.0 * matmul_params(m) + 12.0 * m.n_layers * m.dim * seq
 
 
@@ -66,13 +99,14 @@ def recompute_flops_per_token(m: ModelConfig, seq: int, recompute: str) -> float
     """FLOPs per token that full activation recomputation adds: one more forward of every layer."""
     if recompute != "full":
         return 0.0
-    return m.n_layers * (2.0 * sum(layer_param_numels(m)) + 4.0 * m.dim * seq)
+    layers = sum(map(sum, layers_param_numels(m))) - inactive_expert_params(m)
+    return 2.0 * layers + m.n_layers * 4.0 * m.dim * seq
 
 
-def spec_param_numels(m: ModelConfig, tp: int) -> list[int]:
+def spec_param_numels(m: ModelConfig, tp: int, ep: int = 1) -> list[int]:
     """Per-TP-rank parameters of each pipeline layer spec in order (pipeline/stages.py): embedding,
     blocks, final norm, head (the tied head counted as DeepSpeed counts it: the embedding's size)."""
-    return [embedding_numel(m, tp), *[sum(layer_param_numels(m, tp))] * m.n_layers, m.dim, embedding_numel(m, tp)]
+    return [embedding_numel(m, tp), *map(sum, layers_param_numels(m, tp, ep)), m.dim, embedding_numel(m, tp)]
 
 
 # --- the matmuls a rank runs ------------------------------------------------------------------------

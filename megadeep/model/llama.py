@@ -186,7 +186,12 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(d, cfg.norm_eps, sp, fused)
         self.attention = Attention(cfg, sp, qk_std, o_std, v_std, cp_attention)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps, sp, fused)
-        self.feed_forward = FeedForward(cfg, sp, fused, up_std, down_std)
+        if cfg.is_moe_layer(layer_id):
+            from megadeep.model.moe import MoEFeedForward
+
+            self.feed_forward = MoEFeedForward(cfg, sp, fused, up_std, down_std)
+        else:
+            self.feed_forward = FeedForward(cfg, sp, fused, up_std, down_std)
 
     def drop(self, y: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.dropout):
@@ -294,7 +299,7 @@ class Transformer(nn.Module):
         logits = tied_logits(self.tok_embeddings, h) if self.output is None else self.output(h)
         if targets is None:
             return logits  # [batch, seq (/CP), padded_vocab / TP]
-        return lm_loss(logits, targets, self.cfg.vocab_size, cp_grad_scale=self.cp_grad_scale)
+        return lm_loss(logits, targets, self.cfg.vocab_size, cp_grad_scale=self.cp_grad_scale)  # MoE router losses: see model/moe.py
 
     def init_weights(self, seed: int) -> None:
         init_weights(self, "", seed)

@@ -32,6 +32,11 @@ class _Groups:
     cp_ranks: list[int] = field(default_factory=list)
     dp_cp: dist.ProcessGroup | None = None  # DP×CP (the DP group at CP=1)
     dp_cp_ranks: list[int] = field(default_factory=list)
+    ep: dist.ProcessGroup | None = None  # expert parallel (None: EP=1, or simulated)
+    edp: dist.ProcessGroup | None = None  # expert data parallel
+    ep_ranks: list[int] = field(default_factory=list)
+    edp_ranks: list[int] = field(default_factory=list)
+    a2a_bytes: Counter = field(default_factory=Counter)  # payload bytes of expert all-to-alls
 
 
 _STATE: _Groups | None = None
@@ -66,6 +71,8 @@ def initialize(layout: Layout) -> None:
         _STATE.dp_cp, _STATE.dp_cp_ranks = _mine(layout.dp_cp_groups(), rank)
     else:
         _STATE.cp_ranks, _STATE.dp_cp, _STATE.dp_cp_ranks = [rank], dp, dp_ranks
+    _STATE.ep, _STATE.ep_ranks = _mine(layout.ep_groups(), rank)
+    _STATE.edp, _STATE.edp_ranks = _mine(layout.expert_dp_groups(), rank)
 
 
 @contextlib.contextmanager
@@ -79,6 +86,8 @@ def simulate(layout: Layout, rank: int):
                                                        for groups in (Layout.tp_groups, Layout.dp_groups, Layout.pp_groups)))
     _STATE.cp_ranks = next(g for g in layout.cp_groups() if rank in g)
     _STATE.dp_cp_ranks = next(g for g in layout.dp_cp_groups() if rank in g)
+    _STATE.ep_ranks, _STATE.edp_ranks = (next(g for g in groups(layout) if rank in g)
+                                         for groups in (Layout.ep_groups, Layout.expert_dp_groups))
     try:
         yield
     finally:
@@ -92,8 +101,9 @@ def is_initialized() -> bool:
 def destroy() -> None:
     global _STATE
     if _STATE is not None and dist.is_initialized():
-        for g in (_STATE.tp, _STATE.dp, _STATE.pp) + ((_STATE.cp, _STATE.dp_cp) if _STATE.cp else ()):
-            dist.destroy_process_group(g)
+        for g in (_STATE.tp, _STATE.dp, _STATE.pp, _STATE.ep, _STATE.edp) + ((_STATE.cp, _STATE.dp_cp) if _STATE.cp else ()):
+            if g is not None:
+                dist.destroy_process_group(g)
     _STATE = None
 
 
@@ -225,3 +235,41 @@ def take_tp_bytes() -> dict[str, int]:
     counts = dict(_state().tp_bytes)
     _state().tp_bytes.clear()
     return counts
+
+
+# Expert parallel (a subdivision of DP, see ``Layout.ep_groups``).
+def get_expert_parallel_group() -> dist.ProcessGroup:
+    return _state().ep
+
+
+def get_expert_parallel_world_size() -> int:
+    return _state().layout.ep if _STATE is not None else 1
+
+
+def get_expert_parallel_rank() -> int:
+    return _state().layout.ep_rank(_STATE.rank) if _STATE is not None else 0
+
+
+def get_expert_parallel_group_ranks() -> list[int]:
+    return list(_state().ep_ranks)
+
+
+def get_expert_data_parallel_group() -> dist.ProcessGroup:
+    return _state().edp
+
+
+def get_expert_data_parallel_group_ranks() -> list[int]:
+    return list(_state().edp_ranks)
+
+
+def count_a2a_bytes(nbytes: int) -> None:
+    """Record an expert all-to-all's payload (what this rank sends to other ranks)."""
+    if _STATE is not None:
+        _STATE.a2a_bytes["all_to_all"] += nbytes
+
+
+def take_a2a_bytes() -> int:
+    """Expert all-to-all payload bytes since the last call."""
+    n = _state().a2a_bytes["all_to_all"]
+    _state().a2a_bytes.clear()
+    return n

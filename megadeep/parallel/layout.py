@@ -5,6 +5,10 @@ between TP and DP (as Megatron-Core places it): TP varies fastest, then CP, then
 ``rank = tp + cp·TP + dp·TP·CP + pp·TP·CP·DP`` — so a TP group is adjacent ranks, i.e. one node's
 GPUs, and a CP group is the next-closest. The launcher, the planner and the process groups all read
 positions from here. ``coord`` stays (tp, dp, pp); a rank's CP index is ``cp_index``.
+
+Expert parallelism subdivides DP (DeepSpeed's expert groups): ``ep`` consecutive DP indices (same TP, CP and PP) form an
+expert-parallel group that shares one copy of the experts, each rank holding ``1/ep`` of them, and the
+DP ranks with the same ``dp % ep`` (holding the same experts) form the expert-data-parallel group.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class Layout:
     dp: int = 1
     pp: int = 1
     cp: int = 1  # context parallel: ranks that split every sequence (they hold the same weights)
+    ep: int = 1  # divides dp
 
     @property
     def world_size(self) -> int:
@@ -72,3 +77,18 @@ class Layout:
     def model_groups(self) -> list[list[int]]:
         """TP×PP ranks holding one full model replica."""
         return self._groups("tp")
+
+    def ep_rank(self, rank: int) -> int:
+        return self.coord(rank).dp % self.ep
+
+    def ep_groups(self) -> list[list[int]]:
+        """Ranks exchanging tokens by all-to-all: ``ep`` consecutive DP indices, same TP, CP and PP."""
+        return [[self.rank(t, d0 + e, p, c) for e in range(self.ep)]
+                for p in range(self.pp) for d0 in range(0, self.dp, self.ep) for c in range(self.cp)
+                for t in range(self.tp)]
+
+    def expert_dp_groups(self) -> list[list[int]]:
+        """Ranks holding the same experts (same ``dp % ep``, TP and PP): their expert grads are averaged
+        (over CP too: CP ranks hold the same weights)."""
+        return [[self.rank(t, d, p, c) for d in range(e, self.dp, self.ep) for c in range(self.cp)]
+                for p in range(self.pp) for e in range(self.ep) for t in range(self.tp)]

@@ -100,23 +100,24 @@ def stage_layers(m: ModelConfig, tp: int, pp: int, method: str = "parameters") -
     return [sum(1 for i in range(parts[s], parts[s + 1]) if 1 <= i <= m.n_layers) for s in range(pp)]
 
 
-def stage_param_numels(m: ModelConfig, tp: int, pp: int, method: str = "parameters") -> list[list[int]]:
-    """Parameter tensor sizes held by one TP rank of each pipeline stage. With tied embeddings and
-    pp > 1 the last stage holds its own copy of the embedding (TiedLayerSpec)."""
-    from megadeep.model.accounting import embedding_numel, layer_param_numels
+def stage_param_numels(m: ModelConfig, tp: int, pp: int, method: str = "parameters", ep: int = 1) -> list[list[int]]:
+    """Parameter tensor sizes held by one TP (and EP) rank of each pipeline stage. With tied embeddings
+    and pp > 1 the last stage holds its own copy of the embedding (TiedLayerSpec)."""
+    from megadeep.model.accounting import embedding_numel, layers_param_numels
 
     embedding = embedding_numel(m, tp)
+    layers = layers_param_numels(m, tp, ep)
     if pp == 1:
-        return [[embedding, *layer_param_numels(m, tp) * m.n_layers, m.dim]
+        return [[embedding, *(n for layer in layers for n in layer), m.dim]
                 + ([] if m.tie_embeddings else [embedding])]
     parts = stage_bounds(m, tp, pp, method)
-    spec_tensors = [[embedding], *[layer_param_numels(m, tp)] * m.n_layers, [m.dim], [embedding]]
+    spec_tensors = [[embedding], *layers, [m.dim], [embedding]]
     return [[n for i in range(parts[s], parts[s + 1]) for n in spec_tensors[i]] for s in range(pp)]
 
 
-def stage_params(m: ModelConfig, tp: int, pp: int, method: str = "parameters") -> list[int]:
+def stage_params(m: ModelConfig, tp: int, pp: int, method: str = "parameters", ep: int = 1) -> list[int]:
     """Parameters per rank of each pipeline stage (the canonical per-rank count)."""
-    return [sum(s) for s in stage_param_numels(m, tp, pp, method)]
+    return [sum(s) for s in stage_param_numels(m, tp, pp, method, ep)]
 
 
 def describe(names: list[str]) -> str:

@@ -34,7 +34,7 @@ from megadeep.planner.hardware import Cluster, GiB
 from megadeep.planner.memory import (
     DTYPE_BYTES,
     ActivationShape,
-    layer_param_numels,
+    layers_param_numels,
     model_states,
     persistent_numel,
     stage_activation_bytes,
@@ -72,6 +72,7 @@ class Candidate:
     virtual_stages: int = 1
     tp_overlap: bool = False  # TP collectives chunked under the GEMMs (Megatron-Core); megadeep: no
     cp: int = 1  # context parallel: each rank holds seq/cp of every sequence (attention: parallel.cp_attention=auto)
+    ep: int = 1  # MoE experts sharded over ep DP ranks (megadeep.parallel.layout)
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster, compute=None) -> Estim
     layers = stage_layers(m, c.tp, c.pp, w.partition_method)
 
     # --- memory of each pipeline stage's ranks; the busiest decides
-    numels = stage_param_numels(m, c.tp, c.pp, w.partition_method)
+    numels = stage_param_numels(m, c.tp, c.pp, w.partition_method, c.ep)
     shape = ActivationShape(w.seq, c.micro_batch, m, c.tp, c.sequence_parallel, w.flash, act_bytes=act_bytes,
                             cp=c.cp, cp_gathers_kv=cp_method == "allgather")
     best = None
@@ -237,7 +238,7 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster, compute=None) -> Estim
     if r.stage in (1, 2):
         buffers += r.allgather_bucket * p_bytes
     if r.stage == 3:  # prefetched parameters and the largest layer gathered whole
-        buffers += (r.prefetch_bucket + sum(layer_param_numels(m, c.tp))) * p_bytes
+        buffers += (r.prefetch_bucket + max(map(sum, layers_param_numels(m, c.tp, c.ep)))) * p_bytes
 
     # --- compute: the slowest stage, per micro-batch
     times = [stage_time(w, c, comp, layers[i], i == c.pp - 1) for i in range(c.pp)]

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 from megadeep.model.accounting import (  # noqa: F401  (the planner's memory API, one accounting)
     ActivationShape,
+    expert_param_numel,
     layer_activation_bytes,
     layer_param_numels,
+    layers_param_numels,
     stage_activation_bytes,
 )
-from megadeep.pipeline.partition import stage_param_numels, stage_params  # noqa: F401
+from megadeep.pipeline.partition import stage_bounds, stage_param_numels, stage_params  # noqa: F401
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -69,6 +71,13 @@ def rank_model_states(cfg, zero_stage: int, persistence_threshold: int, pp_rank:
     megadeep.model.accounting counts them, ZeRO-partitioned at ``zero_stage``; the stage and the
     persistence threshold are the resolved run's, read from its recipe once)."""
     p = cfg.parallel
-    numels = stage_param_numels(cfg.model, p.tp, p.pp, p.partition_method)[pp_rank]
-    return model_states(sum(numels), zero_stage, p.dp * p.cp, cfg.train.precision,  # ZeRO shards over DP×CP
-                        persistent=persistent_numel(numels, persistence_threshold))
+    numels = stage_param_numels(cfg.model, p.tp, p.pp, p.partition_method, p.ep)[pp_rank]
+    bounds = stage_bounds(cfg.model, p.tp, p.pp, p.partition_method)  # pipeline layers; layer i is block i-1
+    blocks = [i - 1 for i in range(bounds[pp_rank], bounds[pp_rank + 1]) if 1 <= i <= cfg.model.n_layers]
+    experts = expert_param_numel(cfg.model, p.tp, p.ep, blocks)
+    dense = model_states(sum(numels) - experts, zero_stage, p.dp * p.cp, cfg.train.precision,  # ZeRO shards over DP×CP
+                         persistent=persistent_numel(numels, persistence_threshold))
+    if not experts:
+        return dense
+    moe = model_states(experts, zero_stage, p.dp // p.ep * p.cp, cfg.train.precision)  # over the expert-DP group
+    return ModelStates(dense.params + moe.params, dense.grads + moe.grads, dense.optimizer + moe.optimizer)

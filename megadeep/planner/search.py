@@ -7,6 +7,7 @@ arithmetic, ...), plus the planner's rule that a TP group stays inside one node.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 from megadeep.config import RunConfig, resolve
@@ -41,7 +42,7 @@ def run_config(base: RunConfig, w: Workload, c: Candidate, nvme_path: str = "") 
     cfg = copy.deepcopy(base)
     cfg.model = copy.deepcopy(w.model)
     cfg.model.activation_checkpointing = c.recompute == "full"
-    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.cp = c.tp, c.pp, 0, c.cp
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.cp, cfg.parallel.ep = c.tp, c.pp, 0, c.cp, c.ep
     cfg.parallel.sequence_parallel = c.sequence_parallel
     cfg.train.seq_len, cfg.train.precision = w.seq, w.precision
     cfg.train.micro_batch_size, cfg.train.global_batch_size, cfg.train.grad_accum_steps = c.micro_batch, w.global_batch, 0
@@ -69,7 +70,8 @@ def candidates(w: Workload, cluster: Cluster, recipes=RECIPES, cp_sizes=(1,)):
                     for recipe in recipes:
                         for recompute in ("selective", "full"):
                             yield Candidate(tp, pp, dp, recipe, b, recompute,
-                                            tp > 1 and (w.seq // cp) % tp == 0, cp=cp)
+                                            tp > 1 and (w.seq // cp) % tp == 0, cp=cp,
+                                            ep=math.gcd(dp, w.model.moe.num_experts) if w.model.moe.enabled else 1)
 
 
 @dataclass

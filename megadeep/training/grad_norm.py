@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megadeep.parallel import groups
+from megadeep.parallel.experts import is_expert
 
 
 def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -34,13 +35,18 @@ def global_grad_norm(params) -> float:
     """L2 norm of the full model's gradient, as the single-process model computes it.
 
     Each value is counted once: a TP-replicated parameter on TP rank 0 only, a pipeline-tied copy
-    only where DeepSpeed did not mark it ``ds_pipe_replicated``; the sum runs over TP and PP.
+    only where DeepSpeed did not mark it ``ds_pipe_replicated``, MoE experts (each EP rank holds
+    others) summed over the EP group; the sum runs over TP and PP.
     """
     first_tp_rank = groups.get_tensor_model_parallel_rank() == 0
-    grads = [p.grad.detach() for p in params
+    grads = [p for p in params
              if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
              and (getattr(p, "tensor_model_parallel", False) or first_tp_rank)]
-    total = sum_of_squares(grads)
+    total = sum_of_squares([p.grad.detach() for p in grads if not is_expert(p)])
+    experts = sum_of_squares([p.grad.detach() for p in grads if is_expert(p)])
+    if groups.get_expert_parallel_world_size() > 1:
+        dist.all_reduce(experts, group=groups.get_expert_parallel_group())
+    total += experts
     if groups.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=groups.get_tensor_model_parallel_group())
     if groups.get_pipeline_model_parallel_world_size() > 1:

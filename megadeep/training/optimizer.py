@@ -10,6 +10,7 @@ from torch import nn
 
 from megadeep.config.deepspeed import offload_devices
 from megadeep.errors import ConfigError
+from megadeep.parallel.experts import is_expert
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -19,10 +20,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    return [
+    out = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if not any(is_expert(p) for p in decay + no_decay):
+        return out
+    # MoE experts: own groups per expert group name ('moe': True), which DeepSpeed's engine and ZeRO
+    # partition and reduce over the expert-data-parallel ranks
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    for group, name in zip(out, ("decay", "no_decay")):
+        group["name"] = name
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(out) if g["params"]]
 
 
 ADAM_NAMES = {

@@ -70,5 +70,5 @@ def resolve_run(cfg: RunConfig, device_type: str) -> ResolvedRun:
     adam = resolve_adam(cfg.deepspeed.optimizer, opt != "none", device_type, device_type == "cuda" and apex)
     d = cfg.data
     documents = DocumentSpec(d.document_sep, d.document_positions) if d.document_mask else None
-    return ResolvedRun(cfg, Layout(tp=p.tp, dp=p.dp, pp=p.pp, cp=p.cp), recipe, stage, opt, param, device_type, adam,
+    return ResolvedRun(cfg, Layout(tp=p.tp, dp=p.dp, pp=p.pp, cp=p.cp, ep=p.ep), recipe, stage, opt, param, device_type, adam,
                        megadeep_clips(cfg, recipe), pick(p.cp_attention, cfg.model.kv_heads // p.tp, p.cp), documents)

@@ -24,6 +24,8 @@ from megadeep.finetune.build import build_finetune_model, finetuning
 from megadeep.launch.env import bind_device, discover, init_distributed
 from megadeep.launch.placement import report_actual
 from megadeep.model import num_params
+from megadeep.model.accounting import active_params
+from megadeep.model.moe import set_loss_scale, stats_record, take_stats
 from megadeep.monitoring.comm import CommMeter
 from megadeep.monitoring.flops import peak_flops
 from megadeep.monitoring.metrics_log import MetricsLog, memory_mb
@@ -61,6 +63,7 @@ class StepResult:
     elapsed_s: float
     skipped: bool = False  # non-finite loss or gradient: no update was applied
     loss_spike: bool = False
+    moe: dict | None = None  # MoE router metrics (aux/z loss, per-expert load, dropped fraction), DP mean
 
 
 @dataclass
@@ -104,6 +107,12 @@ class Trainer:
         self.pipelined = run.pipelined
         ds_config = run.ds_config()
         model = build_finetune_model(cfg, self.device) if finetuning(cfg) else build_model(run, self.device, ds_config)
+        if cfg.model.moe.enabled:
+            from megadeep.parallel.experts import deepspeed_moe_marker, register_with_deepspeed
+
+            register_with_deepspeed()
+            model.deepspeed_moe = deepspeed_moe_marker(cfg.model.moe.num_experts)
+            set_loss_scale(model, 1.0 / cfg.train.grad_accum_steps)  # DeepSpeed's scaling of the LM loss
         if self.pipelined:
             from megadeep.pipeline import check_grid
 
@@ -135,8 +144,10 @@ class Trainer:
             n: p for n, p in model.named_parameters() if p.requires_grad}
         self.checkpoints = CheckpointManager(cfg, self.engine, params, self.device.type)
         if self.rank == 0 and cfg.log.progress:
-            print(f"megadeep: {cfg.name} | layout TP={p.tp}{run.describe_cp} DP={p.dp} PP={p.pp} | "
-                  f"{num_params(cfg.model) / 1e6:.2f}M params | optimizer {self.optimizer_name} | device {self.device}", flush=True)
+            ep = f" EP={p.ep}" if p.ep > 1 else ""
+            active = f" ({active_params(cfg.model) / 1e6:.2f}M active)" if cfg.model.moe.enabled else ""
+            print(f"megadeep: {cfg.name} | layout TP={p.tp}{run.describe_cp} DP={p.dp} PP={p.pp}{ep} | "
+                  f"{num_params(cfg.model) / 1e6:.2f}M params{active} | optimizer {self.optimizer_name} | device {self.device}", flush=True)
             if self.pipelined:
                 print(model.stage_map(), flush=True)
         self.maybe_resume()
@@ -156,12 +167,15 @@ class Trainer:
             extras["comm_bytes"] = self.comm.step()
         return extras
 
-    def _dp_mean(self, value: torch.Tensor) -> float:
+    def _dp_mean_vector(self, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().double().cpu()
         if groups.get_data_parallel_world_size() > 1:
             dist.all_reduce(value, group=groups.get_data_parallel_group())
             value /= groups.get_data_parallel_world_size()
-        return value.item()
+        return value
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        return self._dp_mean_vector(value).item()
 
     def train_step(self, after_backward: Callable[[int], None] | None = None) -> StepResult:
         """One optimizer step; ``after_backward(micro)`` runs after each micro-batch's backward, before
@@ -189,7 +203,17 @@ class Trainer:
         self.step += 1
         elapsed = time.perf_counter() - start
         return StepResult(self.step, step_loss, float(lr), grad_norm,
-                          t.global_batch_size * t.seq_len / elapsed, elapsed, not self.engine.was_step_applied())
+                          t.global_batch_size * t.seq_len / elapsed, elapsed, not self.engine.was_step_applied(),
+                          moe=self._moe_metrics())
+
+    def _moe_metrics(self) -> dict | None:
+        """The step's router metrics, averaged over micro-batches, MoE layers (on every pipeline stage) and DP."""
+        if not self.cfg.model.moe.enabled:
+            return None
+        v = take_stats(self.engine.module, self.cfg.model.moe.num_experts)
+        if groups.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(v, group=groups.get_pipeline_model_parallel_group())
+        return stats_record(self._dp_mean_vector(v[1:] / v[0]))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

@@ -2,9 +2,10 @@
 
 argv: OUT.json TEXT_FILE SPEC [SPEC ...],
 SPEC = "tp=2,zero=1[,pp=2][,sp][,untied][,ckpt][,layers=4][,warmup=5][,uniform|blocks][,pckpt=K][,drop][,resume=K][,fused=on|off][,qwen]
-[,cp=2][,cpa=ulysses|allgather][,docs|docpos]"
+[,cp=2][,cpa=ulysses|allgather][,docs|docpos][,moe=E][,ep=N][,cap=F]"
 (DP is what is left; pckpt: pipeline activation checkpointing every K layers; drop: dropout 0.1; docs:
-document masking, docpos: with per-document RoPE positions).
+document masking, docpos: with per-document RoPE positions;
+moe: E top-2 experts in every layer; ep: expert parallel size; cap: capacity factor).
 ``resume=K`` saves a DeepSpeed checkpoint after K steps and trains the rest in a fresh engine loaded
 from it. Pipeline layouts also record how far the tied embedding's stage copies drifted apart.
 Used as a plain single process (the reference) or under torchrun.
@@ -50,6 +51,10 @@ SPEC_ITEMS = {
     "docs": ["data.document_mask=true"],
     "docpos": ["data.document_mask=true", "data.document_positions=true"],
     "resume": [],  # not a config key: see train_layout
+    "moe": ["model.moe.num_experts={}", "model.moe.top_k=2", "model.moe.ffn_dim=64", "model.moe.z_loss_coef=0.001",
+            "model.moe.aux_loss_coef=0.02"],
+    "ep": ["parallel.ep={}"],
+    "cap": ["model.moe.capacity_factor={}"],
 }
 
 
@@ -107,6 +112,7 @@ def main():
             "grad_norm": [r.grad_norm for r in history],
             "val_loss": [v for _, v in val_losses],
             "tied_drift": drift,
+            "moe": [r.moe for r in history],
         }
     if discover().rank == 0:
         with open(out_path, "w") as f:
