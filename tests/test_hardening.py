@@ -133,7 +133,7 @@ INVALID = [
     ("ckpt reshard {ck} /etc/passwd --tp 1", "dst='/etc/passwd' exists and is not a directory"),
     ("ckpt reshard {ck} {dir}/out --tp two", "argument --tp: invalid int value"),
     ("ckpt export-hf {ck} {dir}/hf_out --dtype int8", "argument --dtype: invalid choice: 'int8'"),
-    ("ckpt export-hf {ck} {dir}/hf_out --tokenizer /nonexistent.model", "--tokenizer '/nonexistent.model' is not a file"),
+    ("ckpt export-hf {ck} {dir}/hf_out --tokenizer /nonexistent.model", "--tokenizer '/nonexistent.model' does not exist"),
     ("ckpt export-hf /nonexistent {dir}/hf_out", "src '/nonexistent' is not a directory"),
     ("ckpt import-hf {hf} {dir}/imported --tp -1", "--tp must be ≥ 1, got -1"),
     ("ckpt import-hf {hf} {dir}/imported --tp 0", "--tp must be ≥ 1, got 0"),

