@@ -15,8 +15,12 @@ Two models answer the same questions (``gemm_s``, ``elementwise_s``, ``attention
 Table rates (per GPU in hardware.py): dense bf16 peak and HBM bandwidth from NVIDIA's data sheets,
 the latter at the ~85% that streaming kernels reach; the fraction of peak large GEMMs sustain is the
 one fitted number: A100 0.75, the value with the least mean log error over the published A100 runs
-of tests/test_planner.py (cuBLAS measures roughly 0.7-0.8 at those shapes); H100 0.7 is an estimate
-not checked against a published run. Calibration replaces every one of these by a measurement.
+of tests/test_planner.py (cuBLAS measures roughly 0.7-0.8 at those shapes). H100: GEMMs 0.69 and fused
+attention 0.25 × the GEMM rate, the pair with the least mean log error over MosaicML's published H100
+BF16 runs (tests/test_planner.py); that attention rate is of the 2023 Triton/FlashAttention kernels
+those runs used, not Hopper-tuned ones (FlashAttention-3 reports about twice as much). A100's fused
+attention rate, 0.75 × the GEMM rate, is not fitted (Narayanan's runs use no fused attention).
+Calibration replaces every one of these by a measurement.
 """
 from __future__ import annotations
 
@@ -26,10 +30,9 @@ from megadeep.model.accounting import Gemm, attention_flops
 
 # Flash attention forward does QKᵀ and AV on the causal half; its backward recomputes the scores
 # (FlashAttention-2 paper: backward ≈ 2.5 × forward FLOPs). Its kernels reach a lower share of the
-# GEMM rate than plain GEMMs do (softmax between the two products).
+# GEMM rate than plain GEMMs do (softmax between the two products): GPU.attention_efficiency.
 CAUSAL = 0.5
 FLASH_BACKWARD = 2.5
-FLASH_RATE = 0.75  # × the GEMM rate
 MEMORY_EFFICIENCY = 0.85
 # Score-matrix traffic per element of the unfused (Megatron 2021) attention core, forward, besides the
 # QKᵀ that writes it and the AV that reads it (counted with those GEMMs): the fused scale-mask-softmax
@@ -43,11 +46,12 @@ class TableCompute:
     gemm_rate: float  # FLOP/s large GEMMs sustain
     memory_rate: float  # bytes/s streaming kernels sustain
     act_bytes: int  # bytes per activation element (2: bf16/fp16, 4: fp32)
+    attention_rate: float  # FLOP/s fused (flash) attention kernels sustain
 
     @classmethod
     def for_gpu(cls, gpu, precision: str) -> "TableCompute":
-        return cls(gpu.peak(precision) * gpu.gemm_efficiency, gpu.hbm * MEMORY_EFFICIENCY,
-                   4 if precision == "fp32" else 2)
+        rate = gpu.peak(precision) * gpu.gemm_efficiency
+        return cls(rate, gpu.hbm * MEMORY_EFFICIENCY, 4 if precision == "fp32" else 2, rate * gpu.attention_efficiency)
 
     def gemm_s(self, g: Gemm) -> float:
         moved = (g.rows * g.inner + g.inner * g.cols + g.rows * g.cols) * self.act_bytes * g.count
@@ -60,7 +64,7 @@ class TableCompute:
         """(forward, backward) seconds of the attention core of one layer on one TP rank."""
         heads, hd = m.n_heads // tp, m.head_dim
         if flash:
-            fwd = CAUSAL * attention_flops(m, seq, micro_batch, tp) / (self.gemm_rate * FLASH_RATE)
+            fwd = CAUSAL * attention_flops(m, seq, micro_batch, tp) / self.attention_rate
             return fwd, FLASH_BACKWARD * fwd
         products = [Gemm("qk", seq, hd, seq, micro_batch * heads), Gemm("av", seq, seq, hd, micro_batch * heads)]
         scores = micro_batch * heads * seq * seq

@@ -3,7 +3,8 @@
 Peaks are NVIDIA's dense tensor-core figures (A100: 312 TFLOP/s bf16/fp16, 19.5 fp32 without TF32;
 H100 SXM: 989 bf16/fp16, 67 fp32). Capacities and HBM bandwidths are the data sheets' (A100-40GB
 1.555 TB/s, A100-80GB SXM 2.039 TB/s, H100 SXM 3.35 TB/s). ``gemm_efficiency`` is the fraction of
-peak large GEMMs sustain (see compute.py); ``megadeep plan --calibrate`` measures all of these instead.
+peak large GEMMs sustain and ``attention_efficiency`` the share of that fused attention reaches (fitted
+values and their sources: compute.py); ``megadeep plan --calibrate`` measures all of these instead.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class GPU:
     network: float  # default network bandwidth per node (all its NICs), one direction, bytes/s
     hbm: float = 2.0e12  # memory bandwidth, bytes/s
     gemm_efficiency: float = 0.8  # fraction of peak that large GEMMs sustain
+    attention_efficiency: float = 0.75  # fraction of that GEMM rate fused (flash) attention kernels sustain
 
     def peak(self, precision: str) -> float:
         return self.peak_fp32 if precision == "fp32" else self.peak_16bit
@@ -32,7 +34,8 @@ GPUS = {
     "A100-40": GPU("A100-40", 40 * GiB, 312e12, 19.5e12, 300e9, 200e9, hbm=1.555e12, gemm_efficiency=0.75),
     "A100-80": GPU("A100-80", 80 * GiB, 312e12, 19.5e12, 300e9, 200e9, hbm=2.039e12, gemm_efficiency=0.75),
     # DGX H100: NVLink 4 (900 GB/s both directions), 8 × 400 Gb/s NDR InfiniBand per node
-    "H100-80": GPU("H100-80", 80 * GiB, 989e12, 67e12, 450e9, 400e9, hbm=3.35e12, gemm_efficiency=0.7),
+    "H100-80": GPU("H100-80", 80 * GiB, 989e12, 67e12, 450e9, 400e9, hbm=3.35e12, gemm_efficiency=0.69,
+                       attention_efficiency=0.25),
 }
 
 # Fraction of a link's rate that NCCL's ring collectives sustain as bus bandwidth on large messages
