@@ -46,3 +46,25 @@ def row(what: str, megadeep: float, baseline: float | None = None, ratio: float 
     if ratio is None and baseline:
         ratio = megadeep / baseline
     return {"what": what, "megadeep": megadeep, "baseline": baseline, "ratio": ratio}
+
+
+def worker_cli(name: str, doc: str | None, run, worker, report, extra: tuple[str, ...] = ()) -> None:
+    """The command line of a benchmark that re-launches itself in rank processes: ``--worker OUT --shape
+    JSON [--EXTRA ...]`` runs ``worker(shape, *extras, OUT)`` in a rank; otherwise ``run(quick)`` runs the
+    benchmark, ``report`` prints it, and a full (not ``--quick``) run is saved as ``bench/results/NAME-*``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--worker", default="")
+    ap.add_argument("--shape", default="")
+    for e in extra:
+        ap.add_argument(f"--{e}", default="")
+    args = ap.parse_args()
+    if args.worker:
+        worker(json.loads(args.shape), *(getattr(args, e) for e in extra), args.worker)
+        return
+    result = run(args.quick)
+    report(result)
+    if not args.quick:
+        print("saved", save(name, result))

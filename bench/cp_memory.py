@@ -14,7 +14,6 @@ calls the same functions), for Ulysses and all-gather-KV at seq 1024, next to
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -137,20 +136,14 @@ def headline(result: dict) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--worker", default="")
-    ap.add_argument("--shape", default="")
-    args = ap.parse_args()
-    if args.worker:
-        return worker(json.loads(args.shape), args.worker)
-    from bench.common import save
-
-    r = run(args.quick)
+def report(r: dict) -> None:
     print(json.dumps({k: r[k] for k in ("activation_bytes", "activation_ratio", "comm")}, indent=1))
-    if not args.quick:
-        print("saved", save("cp_memory", r))
+
+
+def main() -> None:
+    from bench.common import worker_cli
+
+    worker_cli("cp_memory", __doc__, run, worker, report)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ EP ranks — a fraction (EP-1)/EP — four times (dispatch and combine, forward 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -39,8 +38,6 @@ def overrides(s: dict, text: str, moe: bool, nproc: int) -> list[str]:
 
 
 def worker(s: dict, text: str, out: str) -> None:
-    import torch.distributed as dist  # noqa: F401
-
     from megadeep.config import load_config, resolve
     from megadeep.launch.env import discover
     from megadeep.parallel import groups
@@ -111,24 +108,17 @@ def headline(result: dict) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--worker", default="")
-    ap.add_argument("--shape", default="")
-    ap.add_argument("--text", default="")
-    args = ap.parse_args()
-    if args.worker:
-        return worker(json.loads(args.shape), args.text, args.worker)
-    from bench.common import save
-
-    r = run(args.quick)
+def report(r: dict) -> None:
     for n, x in r["results"].items():
         print(f"{n}: MoE {x['moe_tokens_per_s']:.0f} tok/s, dense {x['dense_tokens_per_s']:.0f} tok/s, "
               f"ratio {x['moe_over_dense']:.3f}; all-to-all {x['a2a_bytes_per_step'] / 2**20:.2f} MiB/step "
               f"(analytic {x['a2a_bytes_analytic'] / 2**20:.2f})")
-    if not args.quick:
-        print("saved", save("moe", r))
+
+
+def main() -> None:
+    from bench.common import worker_cli
+
+    worker_cli("moe", __doc__, run, worker, report, extra=("text",))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ which shows sequence parallel moving the same bytes as plain TP while splitting 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -77,24 +76,18 @@ def headline(result: dict) -> list[dict]:
             for tp, rows in result["results"].items() for sp, r in rows.items()]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--worker", default="")
-    ap.add_argument("--shape", default="")
-    args = ap.parse_args()
-    if args.worker:
-        return worker(json.loads(args.shape), args.worker)
-    from bench.common import save
-
-    r = run(args.quick)
+def report(r: dict) -> None:
     for tp, rows in r["results"].items():
         for sp, row in rows.items():
             print(f"{tp} {sp}: counted {sum(row['counted'].values()) / 2**20:.2f} MiB, "
                   f"minimum {sum(row['minimum'].values()) / 2**20:.2f} MiB, ratio {row['ratio']:.3f}, "
                   f"wire/rank {row['wire_bytes_per_rank'] / 2**20:.2f} MiB")
-    if not args.quick:
-        print("saved", save("tp_comm", r))
+
+
+def main() -> None:
+    from bench.common import worker_cli
+
+    worker_cli("tp_comm", __doc__, run, worker, report)
 
 
 if __name__ == "__main__":
