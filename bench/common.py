@@ -68,3 +68,18 @@ def worker_cli(name: str, doc: str | None, run, worker, report, extra: tuple[str
     report(result)
     if not args.quick:
         print("saved", save(name, result))
+
+
+def launch_workers(module: str, nproc: int, out: Path, shape: dict, threads: int = 1, **extra: str) -> dict:
+    """Run ``python -m MODULE --worker OUT --shape JSON`` in ``nproc`` torchrun ranks and read OUT."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", module, "--worker", str(out), "--shape", json.dumps(shape)]
+    for k, v in extra.items():
+        cmd += [f"--{k}", str(v)]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                   cwd=Path(__file__).resolve().parents[1])
+    return json.loads(out.read_text())

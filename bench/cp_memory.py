@@ -15,9 +15,6 @@ calls the same functions), for Ulysses and all-gather-KV at seq 1024, next to
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -111,14 +108,11 @@ def worker(shape: dict, out: str) -> None:
 
 
 def run(quick: bool = False) -> dict:
+    from bench.common import launch_workers
+
     shape = QUICK if quick else SHAPE
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "r.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-               "-m", "bench.cp_memory", "--worker", str(out), "--shape", json.dumps(shape)]
-        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       cwd=Path(__file__).resolve().parents[1])
-        r = json.loads(out.read_text())
+        r = launch_workers("bench.cp_memory", WORLD, Path(tmp) / "r.json", shape)
     base = r["activation_bytes"]["cp=1"]
     r["activation_ratio"] = {k: v / base for k, v in r["activation_bytes"].items()}
     return {"shape": shape, **r}

@@ -13,10 +13,7 @@ EP ranks — a fraction (EP-1)/EP — four times (dispatch and combine, forward 
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -72,18 +69,15 @@ def analytic_a2a_bytes(s: dict, nproc: int) -> float:
 def run(quick: bool = False, nprocs=(1, 4)) -> dict:
     import random
 
+    from bench.common import launch_workers
+
     s = QUICK if quick else SHAPE
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "text.txt"
         text.write_bytes(random.Random(0).randbytes(1 << 20))
         for n in nprocs:
-            out = Path(tmp) / f"r{n}.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                   "-m", "bench.moe", "--worker", str(out), "--shape", json.dumps(s), "--text", str(text)]
-            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // n))},
-                           cwd=Path(__file__).resolve().parents[1])
-            rounds = json.loads(out.read_text())
+            rounds = launch_workers("bench.moe", n, Path(tmp) / f"r{n}.json", s, threads=max(1, 2 // n), text=text)
             moe_tps = statistics.median(r["moe"]["tokens_per_s"] for r in rounds)
             results[f"nproc={n}"] = {
                 "rounds": rounds, "moe_tokens_per_s": moe_tps,

@@ -7,9 +7,6 @@ which shows sequence parallel moving the same bytes as plain TP while splitting 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -55,16 +52,13 @@ def worker(shape: dict, out: str) -> None:
 
 
 def run(quick: bool = False, tp_sizes=(2, 4)) -> dict:
+    from bench.common import launch_workers
+
     shape = QUICK if quick else SHAPE
     results = {}
     for tp in tp_sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "r.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
-                   "-m", "bench.tp_comm", "--worker", str(out), "--shape", json.dumps(shape)]
-            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                           cwd=Path(__file__).resolve().parents[1])
-            results[f"tp={tp}"] = json.loads(out.read_text())["rows"]
+            results[f"tp={tp}"] = launch_workers("bench.tp_comm", tp, Path(tmp) / "r.json", shape)["rows"]
     return {"shape": shape, "results": results}
 
 
