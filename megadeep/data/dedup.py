@@ -58,8 +58,7 @@ def shingles(text: str, n: int) -> np.ndarray:
     words = text.lower().encode().translate(_PUNCT_TO_SPACE).split()
     if not words:
         return np.zeros(0, np.uint32)
-    table = {w: zlib.crc32(w) for w in set(words)}
-    ids = np.fromiter(map(table.__getitem__, words), np.uint64, len(words))
+    ids = np.fromiter(map(zlib.crc32, words), np.uint64, len(words))  # ~3× faster than a per-doc dict
     n = min(n, len(ids))
     h = np.zeros(len(ids) - n + 1, np.uint64)
     for k in range(n):  # h = Σ ids[i+k]·MIX^(k+1) mod 2^64, an order-sensitive hash of each n-gram
@@ -76,12 +75,16 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def minhash(sh: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """MinHash signature (uint32 per permutation) of a non-empty shingle set. Multiply-shift instead of
-    datasketch's / datatrove's ``% (2^61 - 1)``: no 64-bit division, ~3× faster, equally universal."""
-    out = np.full(len(a), np.iinfo(np.uint32).max, np.uint64)
+    datasketch's / datatrove's ``% (2^61 - 1)``: no 64-bit division, ~3× faster, equally universal.
+    The shift is monotone, so it is applied once to the minimum rather than to every product (with the
+    add in place, ~1.6× faster than shifting each, same signature)."""
+    out = np.full(len(a), np.iinfo(np.uint64).max, np.uint64)
     x = sh.astype(np.uint64)[:, None]
-    for start in range(0, len(x), 1 << 14):  # bounds the (shingles × num_perm) temporary
-        np.minimum(out, ((x[start: start + (1 << 14)] * a + b) >> np.uint64(32)).min(axis=0), out=out)
-    return out.astype(np.uint32)
+    for start in range(0, len(x), 1 << 13):  # bounds the (shingles × num_perm) temporary
+        h = x[start: start + (1 << 13)] * a
+        h += b
+        np.minimum(out, h.min(axis=0), out=out)
+    return (out >> np.uint64(32)).astype(np.uint32)
 
 
 def jaccard(x: np.ndarray, y: np.ndarray) -> float:
