@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU = ("kernels", "train_throughput", "step_overhead", "pipeline_bubble", "zero_memory", "tp_comm", "cp_memory", "moe", "preprocess", "adam",
+CPU = ("kernels", "train_throughput", "step_overhead", "step_profile", "pipeline_bubble", "zero_memory", "tp_comm", "cp_memory", "moe", "preprocess", "adam",
        "checkpoint", "planner_calibration", "construction", "tokenizer_throughput", "generation")
 GPU = ("gpu_mfu",)  # kernels.py measures CPU kernels only
 

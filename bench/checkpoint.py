@@ -44,16 +44,18 @@ def run(quick: bool = False) -> dict:
         stall = measure_stall(trainer, manager, step_s)
         state = TrainState(trainer.step, trainer.train_data.consumed)
         repeats = 3
-        ours_save = median_time(lambda: manager.save(state), repeats=repeats)
         ds_dir = work / "deepspeed"
-        ds_save = median_time(lambda: engine.save_checkpoint(str(ds_dir), tag="t"), repeats=repeats)
+        saves = interleaved({"megadeep": lambda: manager.save(state),
+                             "deepspeed": lambda: engine.save_checkpoint(str(ds_dir), tag="t")}, repeats)
+        ours_save, ds_save = saves["median_s"]["megadeep"], saves["median_s"]["deepspeed"]
         cfg.checkpoint.resume = str(manager.last_good)
         ours_load = median_time(manager.resume, repeats=repeats)
         ds_load = median_time(lambda: engine.load_checkpoint(str(ds_dir), tag="t"), repeats=repeats)
         size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
         result = {
             "params": num_params(cfg.model), "train_step_s": step_s,
-            "megadeep_save_s": ours_save, "deepspeed_save_s": ds_save, "save_ratio": ours_save / ds_save,
+            "megadeep_save_s": ours_save, "deepspeed_save_s": ds_save, "save_ratio": saves["ratio"],
+            "save_samples_s": saves["samples_s"],
             "megadeep_load_s": ours_load, "deepspeed_load_s": ds_load, "load_ratio": ours_load / ds_load,
             "megadeep_bytes": size(manager.last_good), "deepspeed_bytes": size(ds_dir / "t"),
             **stall, "async_total_over_deepspeed": stall["async_total_s"] / ds_save,
@@ -62,6 +64,24 @@ def run(quick: bool = False) -> dict:
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Time the two ``fns`` alternately (A, B, B, A, ...: a load swing hits both); the ratio is the
+    median of per-round ratios first/second."""
+    import statistics
+    import time
+
+    (a, fa), (b, fb) = fns.items()
+    fa(), fb()  # warm: files exist, buffers allocated
+    samples = {a: [], b: []}
+    for i in range(repeats):
+        for name, fn in ((a, fa), (b, fb)) if i % 2 == 0 else ((b, fb), (a, fa)):
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {"median_s": {n: statistics.median(v) for n, v in samples.items()}, "samples_s": samples,
+            "ratio": statistics.median(x / y for x, y in zip(samples[a], samples[b]))}
 
 
 def measure_stall(trainer, manager, step_s: float) -> dict:

@@ -1,5 +1,6 @@
 """Training tokens/s of megadeep's Trainer next to Hugging Face transformers, torchtitan and a plain-PyTorch
-Llama (eager and under torch.compile), and the bare megadeep model, on one shape, fp32 on CPU.
+Llama (eager and under torch.compile), the bare megadeep model and megadeep with train.compile (vs the
+compiled plain model), on one shape, fp32 on CPU.
 
 Fair by construction: every implementation lives in its own long-lived process, built and warmed up
 (>= 3 steps) before timing; rounds alternate between them (A, B, C, ..., A, B, C, ...), so a load swing
@@ -26,7 +27,7 @@ from pathlib import Path
 # The issue's shape: ~60M parameters, vocab 32000 untied, dim 512, 8 layers, seq 256, micro-batch 4.
 SHAPE = dict(vocab_size=32000, dim=512, n_layers=8, n_heads=8, ffn_dim=1536, seq_len=256, batch=4)
 QUICK = dict(vocab_size=2048, dim=128, n_layers=2, n_heads=4, ffn_dim=384, seq_len=64, batch=2)
-IMPLS = ("megadeep", "megadeep_bare", "hf_transformers", "torchtitan", "plain", "plain_compiled")
+IMPLS = ("megadeep", "megadeep_bare", "hf_transformers", "torchtitan", "plain", "plain_compiled", "megadeep_compiled")
 BASELINES = IMPLS[1:]
 OPT = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 CLIP, WARMUP, STEPS = 1.0, 10, 1000
@@ -79,7 +80,7 @@ def model_overrides(s: dict) -> list[str]:
             "model.tie_embeddings=false", "model.vocab_pad_unit=1"]
 
 
-def build_megadeep(s: dict, workdir: Path):
+def build_megadeep(s: dict, workdir: Path, extra: tuple[str, ...] = ()):
     import itertools
 
     from megadeep.config import load_config, resolve
@@ -92,12 +93,17 @@ def build_megadeep(s: dict, workdir: Path):
         f"optim.lr={OPT['lr']}", f"optim.min_lr={OPT['lr'] / 10}", f"optim.warmup_steps={WARMUP}",
         f"optim.beta1={OPT['betas'][0]}", f"optim.beta2={OPT['betas'][1]}", f"optim.eps={OPT['eps']}",
         f"optim.weight_decay={OPT['weight_decay']}", f"optim.grad_clip={CLIP}",
-        "deepspeed.config=zero0", "data.val_fraction=0", f"data.paths=[{text}]", "log.progress=false",
+        "deepspeed.config=zero0", "data.val_fraction=0", f"data.paths=[{text}]", "log.progress=false", *extra,
     ]), 1)
     trainer = Trainer(cfg)
     trainer.train_data = itertools.repeat(batch(s))
     print(f"megadeep optimizer: {trainer.optimizer_name}", file=sys.stderr, flush=True)
     return trainer.train_step, sum(p.numel() for p in trainer.engine.module.parameters())
+
+
+def build_megadeep_compiled(s: dict, workdir: Path):
+    """The Trainer with train.compile=true (each block under torch.compile), vs plain_compiled."""
+    return build_megadeep(s, workdir, ("train.compile=true",))
 
 
 def megadeep_model_config(s: dict):
@@ -310,27 +316,28 @@ def run(quick: bool = False, rounds: int | None = None, steps_per_turn: int | No
             "pct_of_matmul_peak": 100 * statistics.median(fps / r["step_s"] / r["peak_flops"] for r in rows),
             "samples": rows,
         }
-    ratios = {}
-    if "megadeep" in samples:
-        md = samples["megadeep"]
-        for name in samples:
-            if name != "megadeep":
-                ratios[name] = statistics.median(b["step_s"] / a["step_s"] for a, b in zip(md, samples[name]))
+    def speedups(ours: str, names) -> dict[str, float]:
+        return {name: statistics.median(b["step_s"] / a["step_s"] for a, b in zip(samples[ours], samples[name]))
+                for name in names if ours in samples and name in samples and name != ours}
+
     return {"shape": s, "quick": quick, "rounds": rounds, "steps_per_turn": steps_per_turn,
             "warmup_steps": WARMUP_STEPS, "flops_per_step": fps, "impls": per_impl,
-            "megadeep_speedup_vs": ratios, "skipped": skipped}
+            "megadeep_speedup_vs": speedups("megadeep", samples),
+            "megadeep_compiled_speedup_vs": speedups("megadeep_compiled", ("plain_compiled", "megadeep")),
+            "skipped": skipped}
 
 
 def headline(r: dict) -> list[dict]:
     from bench.common import row
 
-    md = r["impls"]["megadeep"]
     out = []
-    for name, ratio in r["megadeep_speedup_vs"].items():
-        base = r["impls"][name]
-        out.append(row(f"training tokens/s, fp32, {md['params'] / 1e6:.0f}M params, vs {name} "
-                       f"(interleaved, median of per-round ratios; % matmul peak {md['pct_of_matmul_peak']:.0f} "
-                       f"vs {base['pct_of_matmul_peak']:.0f})", md["tokens_per_s"], base["tokens_per_s"], ratio))
+    for ours, key in (("megadeep", "megadeep_speedup_vs"), ("megadeep_compiled", "megadeep_compiled_speedup_vs")):
+        md = r["impls"].get(ours)
+        for name, ratio in r.get(key, {}).items():
+            base = r["impls"][name]
+            out.append(row(f"training tokens/s, fp32, {md['params'] / 1e6:.0f}M params, {ours} vs {name} "
+                           f"(interleaved, median of per-round ratios; % matmul peak {md['pct_of_matmul_peak']:.0f} "
+                           f"vs {base['pct_of_matmul_peak']:.0f})", md["tokens_per_s"], base["tokens_per_s"], ratio))
     return out
 
 
@@ -354,6 +361,8 @@ def main() -> None:
         print(f"{name:>16}: {v['params'] / 1e6:6.1f}M params {v['tokens_per_s']:8.1f} tokens/s "
               f"{v['pct_of_matmul_peak']:5.1f}% of matmul peak"
               + (f"   megadeep/this {ratio:.3f}x" if ratio else ""))
+    for name, ratio in r["megadeep_compiled_speedup_vs"].items():
+        print(f"megadeep_compiled/{name} {ratio:.3f}x")
     for name, why in r["skipped"].items():
         print(f"{name:>16}: skipped: {why}")
     from bench.common import save

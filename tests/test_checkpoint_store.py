@@ -103,3 +103,24 @@ def test_retention_keeps_last_k_and_every_nth(tmp_path):
     store.prune(tmp_path, keep_last=3, keep_every=5)
     assert [store.step_of(p) for p in store.candidates(tmp_path)] == [12, 11, 10, 5]
     assert not (tmp_path / ".tmp-step_00000013").exists()
+
+
+def test_streamed_safetensors_file_is_what_safetensors_reads_and_its_hash_is_the_files(tmp_path):
+    """write_tensors streams the tensors' memory (no serialised copy): the file must still be a valid
+    safetensors file (every dtype, empty and non-contiguous tensors, metadata) with the manifest's
+    sha256 and size equal to the bytes on disk."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    tensors = {"f32": torch.randn(3, 5), "f64": torch.randn(7).double(), "bf16": torch.randn(4, 4).bfloat16(),
+               "empty": torch.zeros(0), "u8": torch.randint(0, 5, (9,), dtype=torch.uint8),
+               "strided": torch.arange(6).reshape(2, 3).t(), "flags": torch.tensor([True, False])}
+    rec = store.write_tensors(tmp_path, "t.safetensors", tensors, {"kind": "model"})
+    data = (tmp_path / "t.safetensors").read_bytes()
+    assert rec == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        assert f.metadata() == {"kind": "model"} and sorted(f.keys()) == sorted(tensors)
+        for k, t in tensors.items():
+            got = f.get_tensor(k)
+            assert got.dtype == t.dtype and torch.equal(got, t), k

@@ -137,6 +137,10 @@ class TrainConfig:
     hang_timeout_s: float = 0.0
     max_consecutive_skips: int = 8  # non-finite steps in a row (each skipped) that stop the run
     loss_spike_factor: float = 3.0  # log a loss above this × its running mean; 0: off
+    # torch.compile each transformer block (torchtitan's per-block compile; TP collectives are autograd
+    # functions dynamo traces). Off by default: compiling costs tens of seconds per start, paid by every
+    # test and short run; turn it on for long runs (bench.train_throughput measures the gain). PP=1, ZeRO ≤ 2.
+    compile: bool = False
 
 
 @dataclass

@@ -341,6 +341,11 @@ def _check_deepspeed(cfg: RunConfig) -> None:
         f"ZeRO stage {stage} ('{cfg.deepspeed.config}') cannot run with parallel.pp={cfg.parallel.pp}: "
         "DeepSpeed's pipeline engine supports ZeRO 0/1 only; use deepspeed.config=zero1 or pp=1",
     )
+    _require(not cfg.train.compile or (cfg.parallel.pp == 1 and stage <= 2),
+             f"train.compile=true needs parallel.pp=1 and ZeRO ≤ 2 (got pp={cfg.parallel.pp}, ZeRO {stage}): "
+             "the pipeline engine and ZeRO-3's parameter hooks are not compiled; set train.compile=false")
+    _require(not (cfg.train.compile and cfg.log.comm_stats),
+             "log.comm_stats counts TP traffic in eager mode only: set train.compile=false or log.comm_stats=false")
     opt_dev, param_dev = offload_devices(recipe)
     if "nvme" in (opt_dev, param_dev):
         _require(bool(cfg.deepspeed.nvme_path),

@@ -12,6 +12,7 @@ import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 
 from megadeep.parallel.layout import Layout
@@ -226,8 +227,10 @@ def get_sequence_data_parallel_rank() -> int:
 
 
 def count_tp_bytes(op: str, nbytes: int) -> None:
-    """Record a TP collective's payload (the full tensor it reduces or gathers)."""
-    _state().tp_bytes[op] += nbytes
+    """Record a TP collective's payload (the full tensor it reduces or gathers). Not while torch.compile
+    traces (a dict mutated inside an autograd function breaks the graph): log.comm_stats needs eager."""
+    if not torch.compiler.is_compiling():
+        _state().tp_bytes[op] += nbytes
 
 
 def take_tp_bytes() -> dict[str, int]:

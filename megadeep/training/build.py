@@ -43,4 +43,13 @@ def build_model(run: ResolvedRun, device: torch.device, ds_config: dict | None =
         model = Transformer(cfg.model, sp, run.documents, run.cp_attention, run.cp_grad_scale)
     if device.type != "meta":
         materialize(model, {"": model}, device, cfg.train.seed)
+        if cfg.train.compile:
+            compile_blocks(model)
     return model
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each transformer block in place, as torchtitan does: small graphs that compile
+    once (the blocks share code), while embedding, head and loss stay eager for DeepSpeed's hooks."""
+    for block in model.layers:
+        block.compile()

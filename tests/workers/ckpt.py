@@ -86,7 +86,8 @@ def install_hooks(trainer, job, rank, report):
             if in_save(root, job.get("kill_in_save_at_step")) and rank == 0:
                 path = root / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data[: len(data) // 2])
+                blob = data if isinstance(data, bytes) else b"".join(data)  # write_tensors passes buffers
+                path.write_bytes(blob[: len(blob) // 2])
                 os.kill(os.getpid(), signal.SIGKILL)
             if in_save(root, job.get("slow_save_at_step")):
                 time.sleep(1.0)

@@ -1,7 +1,7 @@
 """Train several layouts in one launch (same seed, same data) and record per-step loss and grad norm.
 
 argv: OUT.json TEXT_FILE SPEC [SPEC ...],
-SPEC = "tp=2,zero=1[,pp=2][,sp][,untied][,ckpt][,layers=4][,warmup=5][,uniform|blocks][,pckpt=K][,drop][,resume=K][,fused=on|off][,qwen]
+SPEC = "tp=2,zero=1[,pp=2][,sp][,untied][,ckpt][,layers=4][,warmup=5][,uniform|blocks][,pckpt=K][,drop][,resume=K][,fused=on|off][,qwen][,compile]
 [,cp=2][,cpa=ulysses|allgather][,docs|docpos][,moe=E][,ep=N][,cap=F]"
 (DP is what is left; pckpt: pipeline activation checkpointing every K layers; drop: dropout 0.1; docs:
 document masking, docpos: with per-document RoPE positions;
@@ -38,6 +38,7 @@ SPEC_ITEMS = {
     "untied": ["model.tie_embeddings=false"],
     "fused": ["model.fused_kernels={}"],
     "ckpt": ["model.activation_checkpointing=true"],
+    "compile": ["train.compile=true"],
     "layers": ["model.n_layers={}"],
     "warmup": ["optim.warmup_steps={}"],
     "uniform": ["parallel.partition_method=uniform"],
@@ -103,6 +104,7 @@ def main():
     world = discover().world_size
     results = {}
     for spec in specs:
+        torch._dynamo.utils.counters.clear()  # what train.compile compiled for this spec alone
         cfg = resolve(load_config(None, TINY + [f"data.paths=[{text}]"] + overrides(spec)), world)
         resume_at = int(dict(item.partition("=")[::2] for item in spec.split(",")).get("resume", 0))
         ckpt_dir = Path(out_path).parent / f"checkpoint-{spec.replace(',', '_').replace('=', '')}"
@@ -113,6 +115,8 @@ def main():
             "val_loss": [v for _, v in val_losses],
             "tied_drift": drift,
             "moe": [r.moe for r in history],
+            "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
         }
     if discover().rank == 0:
         with open(out_path, "w") as f:
