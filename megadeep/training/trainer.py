@@ -199,8 +199,7 @@ class Trainer:
                 tokens, targets = (x.to(self.device) for x in next(self.train_data))
                 loss = self.engine(tokens, targets)
                 self.engine.backward(loss)
-                if self.host_tensors and self.step == 0:
-                    # the activations, before step 1 creates Adam's moments; later steps reuse the blocks
+                if self.host_tensors:  # the activations, before the optimizer step (Adam's moments at step 1)
                     release_freed_memory()
                 if after_backward is not None:
                     after_backward(micro)
