@@ -107,6 +107,29 @@ def precision_fragment(precision: str) -> dict:
     return _read_json(recipes_dir() / "precision" / f"{precision}.json")
 
 
+# ZeRO-3 sizes a recipe may write as "auto": a multiple of one decoder layer's parameters on a rank
+# (after TP/EP). The gradient reduce bucket, the parameters prefetched and kept gathered, and the
+# optimizer's sub-group (DeepSpeed flattens each sub-group's gradient partition into a fresh fp32 copy in
+# step, and creates its Adam moments there) then each hold about one layer, so what ZeRO-3 allocates
+# beyond the persistent partitions scales with a layer instead of being a fixed 50M-1G elements that can
+# exceed a small model's whole partition. (HF transformers' integration sizes its "auto" from dim²,
+# about a twelfth of a Llama layer.)
+LAYER_SIZED = {"reduce_bucket_size": 1, "stage3_prefetch_bucket_size": 1, "stage3_max_live_parameters": 2,
+               "stage3_max_reuse_distance": 1, "sub_group_size": 1}
+
+
+def layer_sized(zero: dict, layer_numel: int) -> dict:
+    """``zero`` (a recipe's zero_optimization block) with its "auto" sizes replaced by layers' numels."""
+    return {k: LAYER_SIZED[k] * layer_numel if v == "auto" and k in LAYER_SIZED else v for k, v in zero.items()}
+
+
+def rank_layer_numel(cfg: RunConfig) -> int:
+    """The largest decoder layer's parameters on one rank."""
+    from megadeep.model.accounting import layers_param_numels  # (megadeep.model imports the config)
+
+    return max(map(sum, layers_param_numels(cfg.model, cfg.parallel.tp, cfg.parallel.ep)))
+
+
 def megadeep_clips(cfg: RunConfig, recipe: dict | None = None) -> bool:
     """fp32 without ZeRO: megadeep clips by the global norm itself (see ``training.grad_norm``), since
     DeepSpeed's fp32 clipping miscounts parameters under the pipeline engine."""
@@ -120,6 +143,8 @@ def compose(cfg: RunConfig, recipe: dict | None = None) -> dict:
     t, o = cfg.train, cfg.optim
     recipe = load_recipe(cfg.deepspeed.config) if recipe is None else recipe
     ds = _merge(recipe, precision_fragment(t.precision))
+    if "zero_optimization" in ds:
+        ds["zero_optimization"] = layer_sized(ds["zero_optimization"], rank_layer_numel(cfg))
     # The pipeline engine counts CP ranks as data parallel (its data axis is our DP×CP), though they
     # read the same samples: its batch is CP times ours.
     pipeline_cp = cfg.parallel.cp if cfg.parallel.pp > 1 else 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from megadeep.config.deepspeed import load_recipe, offload_devices, zero_stage
+from megadeep.config.deepspeed import LAYER_SIZED, load_recipe, offload_devices, zero_stage
 from megadeep.config.schema import ModelConfig
 from megadeep.model.accounting import (
     backward_gemms,
@@ -80,11 +80,17 @@ class Recipe:
     stage: int
     offload_optimizer: str
     offload_param: str
-    reduce_bucket: int
+    reduce_bucket: int | None  # None: "auto", one layer (config.deepspeed.LAYER_SIZED)
     allgather_bucket: int
-    prefetch_bucket: int
+    prefetch_bucket: int | None
     persistence_threshold: int
     overlap_comm: bool
+
+
+def _size(zero: dict, key: str, default: float) -> int | None:
+    """A bucket size in elements; None for "auto" (``config.deepspeed.layer_sized``: one layer's worth)."""
+    v = zero.get(key, default)
+    return None if v == "auto" else int(v)
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,8 +99,8 @@ def recipe_facts(name: str) -> Recipe:
     z = r.get("zero_optimization", {})
     opt, param = offload_devices(r)
     stage = zero_stage(r)
-    return Recipe(stage, opt, param, int(z.get("reduce_bucket_size", 5e8)),
-                  int(z.get("allgather_bucket_size", 5e8)), int(z.get("stage3_prefetch_bucket_size", 5e7)),
+    return Recipe(stage, opt, param, _size(z, "reduce_bucket_size", 5e8),
+                  int(z.get("allgather_bucket_size", 5e8)), _size(z, "stage3_prefetch_bucket_size", 5e7),
                   int(z.get("stage3_param_persistence_threshold", 1e5)),
                   bool(z.get("overlap_comm", stage == 3)))  # DeepSpeed's default: on for stage 3 only
 
@@ -233,12 +239,14 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster, compute=None) -> Estim
     gpu_states, acts, host = best
     n_stage = max(sum(s) for s in numels)
     buffers = 0.0
+    layer = max(map(sum, layers_param_numels(m, c.tp, c.ep)))
     if r.stage >= 1:
-        buffers += r.reduce_bucket * p_bytes
+        buffers += (layer * LAYER_SIZED["reduce_bucket_size"] if r.reduce_bucket is None else r.reduce_bucket) * p_bytes
     if r.stage in (1, 2):
         buffers += r.allgather_bucket * p_bytes
     if r.stage == 3:  # prefetched parameters and the largest layer gathered whole
-        buffers += (r.prefetch_bucket + max(map(sum, layers_param_numels(m, c.tp, c.ep)))) * p_bytes
+        prefetch = layer * LAYER_SIZED["stage3_prefetch_bucket_size"] if r.prefetch_bucket is None else r.prefetch_bucket
+        buffers += (prefetch + layer) * p_bytes
 
     # --- compute: the slowest stage, per micro-batch
     times = [stage_time(w, c, comp, layers[i], i == c.pp - 1) for i in range(c.pp)]

@@ -35,6 +35,7 @@ from megadeep.training import preemption
 from megadeep.training.build import build_model
 from megadeep.training.grad_norm import ClipByGlobalNorm
 from megadeep.training.guard import FaultGuard
+from megadeep.training.host_memory import release_freed_memory, tune_cpu_allocator
 from megadeep.training.optimizer import choose_adam, lr_scheduler, param_groups
 from megadeep.training.run import resolve_run
 
@@ -107,6 +108,9 @@ class Trainer:
         self.pipelined = run.pipelined
         ds_config = run.ds_config()
         model = build_finetune_model(cfg, self.device) if finetuning(cfg) else build_model(run, self.device, ds_config)
+        self.host_tensors = self.device.type == "cpu"  # tensors in host memory: return what is freed (host_memory)
+        if self.host_tensors:
+            tune_cpu_allocator()  # after construction: from DeepSpeed's setup on, freed tensors leave
         if cfg.model.moe.enabled:
             from megadeep.parallel.experts import deepspeed_moe_marker, register_with_deepspeed
 
@@ -129,6 +133,8 @@ class Trainer:
             lr_scheduler=lr_scheduler(cfg.train.steps, o.warmup_steps, o.lr, o.min_lr),
         )
         skip_identity_allreduce(self.engine, p.dp * p.cp)
+        if self.host_tensors:
+            release_freed_memory()  # DeepSpeed's setup copies
         self.clip = ClipByGlobalNorm(optimizer, model.parameters(), o.grad_clip) if run.megadeep_clips else None
         dp_rank, dp = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
         t = cfg.train
@@ -193,6 +199,8 @@ class Trainer:
                 tokens, targets = (x.to(self.device) for x in next(self.train_data))
                 loss = self.engine(tokens, targets)
                 self.engine.backward(loss)
+                if self.host_tensors:  # the activations, before the optimizer step (Adam's moments at step 1)
+                    release_freed_memory()
                 if after_backward is not None:
                     after_backward(micro)
                 self.engine.step()
