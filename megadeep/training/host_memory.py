@@ -5,8 +5,8 @@ parameter + optimizer partition).
 glibc's allocator keeps freed blocks of up to 32 MiB in its heaps (its mmap threshold grows with
 every large free), so transient tensors (construction's random-number temporaries, DeepSpeed's
 setup copies, activations, gradient buckets and flattened copies) stay resident after they are freed
-and step 1's Adam moments come on top. CPU ranks hold every tensor in host memory: after the model
-is built, blocks of 64 KiB and up are mapped and unmapped on their own, so freeing returns them, and
+and step 1's Adam moments come on top. For CPU ranks under ZeRO-3 (``ResolvedRun.lean_host_memory``),
+after the model is built, blocks of 64 KiB and up are mapped and unmapped on their own, so freeing returns them, and
 the trainer trims the heap after DeepSpeed's setup and after each backward. Going back to glibc's
 32 MiB after step 1 let step 2 reach 1.8x the partitions (measured). Not during construction: the
 counter RNG's many large temporaries would each pay fresh page faults (2.5x the build's CPU time).

@@ -108,7 +108,7 @@ class Trainer:
         self.pipelined = run.pipelined
         ds_config = run.ds_config()
         model = build_finetune_model(cfg, self.device) if finetuning(cfg) else build_model(run, self.device, ds_config)
-        self.host_tensors = self.device.type == "cpu"  # tensors in host memory: return what is freed (host_memory)
+        self.host_tensors = run.lean_host_memory  # return freed host memory (host_memory)
         if self.host_tensors:
             tune_cpu_allocator()  # after construction: from DeepSpeed's setup on, freed tensors leave
         if cfg.model.moe.enabled:
