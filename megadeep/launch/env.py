@@ -184,13 +184,20 @@ def init_distributed(pe: ProcessEnv, device, timeout_s: float) -> None:
 
 
 def quiet_libraries(device, rank: int) -> None:
-    """Logs a person can read: call after :func:`bind_device` and before DeepSpeed is first imported.
+    """Logs a person can read: call after :func:`bind_device`, before anything else imports DeepSpeed.
     ``DS_ACCELERATOR`` from the bound device stops DeepSpeed's accelerator auto-detection (a warning
     per rank); its logger says only warnings, and on ranks other than 0 only errors."""
     import logging
     import warnings
 
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    if "DS_ACCELERATOR" not in os.environ:  # DeepSpeed reads it once, when it first picks its accelerator
+        os.environ["DS_ACCELERATOR"] = "cuda" if device.type == "cuda" else "cpu"
+        try:
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator()
+        finally:  # not inherited by processes this one starts (tests run several trainers in one process)
+            del os.environ["DS_ACCELERATOR"]
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING if rank == 0 else logging.ERROR)
     # DeepSpeed's ZeRO/comm layer calls these torch APIs, not megadeep: fixable only in DeepSpeed.
     warnings.filterwarnings("ignore", r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
