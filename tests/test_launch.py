@@ -82,6 +82,11 @@ def launch(tmp_path, *args):
     (["--nodes", "2", "--gpus-per-node", "1"], "would span nodes"),
     (["--nodes", "1", "--gpus-per-node", "4", "parallel.pp=3"], "not divisible by parallel.tp × parallel.pp"),
     (["--nodes", "0", "--gpus-per-node", "4"], "must be ≥ 1"),
+    (["--nodes", "2-1", "--gpus-per-node", "2"], "--nodes=2-1: MIN must not exceed MAX"),
+    (["--nodes", "0-2", "--gpus-per-node", "2"], "must be ≥ 1"),
+    (["--nodes", "1-x", "--gpus-per-node", "2"], "--nodes must be N or MIN-MAX (e.g. 2 or 1-2), got '1-x'"),
+    # elastic: a requeue onto 3 nodes (DP=3) could not keep tiny.yaml's global batch of 16
+    (["--nodes", "1-3", "--gpus-per-node", "2"], "--nodes=1-3: on 3 node(s) × 2 = 6 ranks: train.global_batch_size=16"),
     (["--nodes", "1", "--gpus-per-node", "4", "--container-image", "x", "--apptainer", "y"], "pick one"),
     # what would fail on every rank after the wait in the queue
     (["--nodes", "1", "--gpus-per-node", "2"], "data.corpus=shakespeare is not prepared"),
@@ -173,3 +178,9 @@ def test_the_job_config_resolves_again_for_another_node_count(tmp_path):
     for world, dp, accum in ((2, 1, 4), (4, 2, 2), (8, 4, 1)):  # 2 CPU slots per node: 1, 2 and 4 nodes
         cfg = resolve(load_config(tmp_path / "out" / "config.json"), world, require_data=False)
         assert (cfg.parallel.dp, cfg.train.grad_accum_steps, cfg.train.global_batch_size) == (dp, accum, 32)
+
+
+def test_elastic_node_range_script(tmp_path):
+    """``--nodes=MIN-MAX``: SLURM's range form in the script, the layout checked for every count in it."""
+    text = script_for(tmp_path, "--nodes", "1-2", "--gpus-per-node", "2", "--cpu")
+    assert "#SBATCH --nodes=1-2\n" in text and "on 1-2 node(s) × 2 CPU slot(s)" in text

@@ -16,13 +16,14 @@ from megadeep.errors import ConfigError
 def cmd_slurm(args: argparse.Namespace) -> int:
     from megadeep.config import dump_json, load_config, resolve
     from megadeep.launch.placement import check_placement, planned_rank_map
-    from megadeep.launch.slurm import SlurmJob, check_before_submit, job_config, render, submit
+    from megadeep.launch.slurm import SlurmJob, check_before_submit, job_config, parse_nodes, render, submit
     from megadeep.training.run import resolve_run
 
     workdir = Path(args.workdir).resolve()
     containerised = bool(args.container_image or args.apptainer)
+    nodes, max_nodes = parse_nodes(args.nodes)
     job = SlurmJob(
-        nodes=args.nodes, per_node=args.gpus_per_node, time=args.time, signal_grace_s=args.signal_grace,
+        nodes=nodes, max_nodes=max_nodes, per_node=args.gpus_per_node, time=args.time, signal_grace_s=args.signal_grace,
         cpu=args.cpu, launcher=args.launcher, partition=args.partition, account=args.account,
         cpus_per_task=args.cpus_per_task, container_image=args.container_image, apptainer=args.apptainer,
         container_mounts=args.container_mounts, workdir=str(workdir),
@@ -38,6 +39,12 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         raise ConfigError(f"for {job.nodes} node(s) × {job.per_node} = {world} ranks: {e}") from None
     layout = run.layout
     check_placement(layout, job.nodes, job.per_node)
+    for n in job.node_counts[1:]:  # elastic: every count a requeue may bring must keep the global batch
+        try:
+            check_placement(resolve_run(resolve(given, n * job.per_node), run.device_type).layout, n, job.per_node)
+        except ConfigError as e:
+            raise ConfigError(f"--nodes={job.nodes_spec}: on {n} node(s) × {job.per_node} = "
+                              f"{n * job.per_node} ranks: {e}") from None
 
     out = Path(args.out or f"runs/{cfg.name}/slurm")
     out = out if out.is_absolute() else workdir / out
@@ -91,7 +98,7 @@ def add_launch(sub) -> None:
                                      "runs/NAME/slurm/{job.sbatch,config.json}.")
     p.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=8")
-    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--nodes", required=True, help="N, or MIN-MAX for an elastic allocation (SLURM's range form)")
     p.add_argument("--gpus-per-node", type=int, required=True, help="ranks per node (with --cpu: CPU slots)")
     p.add_argument("--time", default="01:00:00", help="SLURM time limit (default 01:00:00)")
     p.add_argument("--signal-grace", type=int, default=180,

@@ -8,7 +8,9 @@ detection (the generated ``--launcher mpi`` batch scripts set it to take ranks f
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import socket
 import subprocess
@@ -175,5 +177,30 @@ def init_distributed(pe: ProcessEnv, device, timeout_s: float) -> None:
                       MASTER_ADDR=pe.master_addr, MASTER_PORT=str(pe.master_port))
     if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:  # DeepSpeed's engine asserts the two agree
         os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(local)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s))
+    # DeepSpeed print()s "...shm_comm_op built successfully" on every rank: rank 0 says it once
+    with contextlib.redirect_stdout(io.StringIO()) if pe.rank != 0 else contextlib.nullcontext():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s))
+
+
+def quiet_libraries(device, rank: int) -> None:
+    """Logs a person can read: call after :func:`bind_device`, before anything else imports DeepSpeed.
+    ``DS_ACCELERATOR`` from the bound device stops DeepSpeed's accelerator auto-detection (a warning
+    per rank); its logger says only warnings, and on ranks other than 0 only errors."""
+    import logging
+    import warnings
+
+    if "DS_ACCELERATOR" not in os.environ:  # DeepSpeed reads it once, when it first picks its accelerator
+        os.environ["DS_ACCELERATOR"] = "cuda" if device.type == "cuda" else "cpu"
+        try:
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator()
+        finally:  # not inherited by processes this one starts (tests run several trainers in one process)
+            del os.environ["DS_ACCELERATOR"]
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    # DeepSpeed's ZeRO/comm layer calls these torch APIs, not megadeep: fixable only in DeepSpeed.
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            FutureWarning, r"torch\.distributed\.c10d_logger")
+    warnings.filterwarnings("ignore", r"`torch\.jit\.script_method` is deprecated", DeprecationWarning,
+                            r"torch\.jit\._script")

@@ -26,13 +26,24 @@ LAUNCHERS = ("srun", "mpi")
 SRUN_WAIT_S = 60
 # sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 _TIME = re.compile(r"\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
+_NODES = re.compile(r"(\d+)(?:-(\d+))?")
+
+
+def parse_nodes(text: str) -> tuple[int, int]:
+    """``--nodes``: ``N`` → (N, 0); SLURM's elastic range ``MIN-MAX`` → (MIN, MAX)."""
+    m = _NODES.fullmatch(text.strip())
+    if not m:
+        raise ConfigError(f"--nodes must be N or MIN-MAX (e.g. 2 or 1-2), got '{text}'")
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
 _WORD = re.compile(r"[A-Za-z0-9._,+@%:/=-]*")  # what an #SBATCH value may hold: no spaces, quotes, newlines
 
 
 @dataclass
 class SlurmJob:
     """What the allocation looks like and how ranks start (everything but the run config)."""
-    nodes: int
+    nodes: int  # the fewest nodes (SLURM's --nodes=MIN-MAX range form: MIN)
     per_node: int  # GPUs per node, one rank each; CPU slots with ``cpu``
     time: str = "01:00:00"
     signal_grace_s: int = 180  # USR1 this long before the time limit: enough for one step and a save
@@ -46,10 +57,22 @@ class SlurmJob:
     container_mounts: list[str] = field(default_factory=list)  # src:dst, beyond the working directory
     python: str = "python"
     workdir: str = "."
+    max_nodes: int = 0  # an elastic allocation's most nodes (--nodes=MIN-MAX); 0: exactly ``nodes``
+
+    @property
+    def node_counts(self) -> range:
+        """Every node count SLURM may start (or requeue) this job on."""
+        return range(self.nodes, max(self.nodes, self.max_nodes) + 1)
+
+    @property
+    def nodes_spec(self) -> str:
+        return f"{self.nodes}-{self.max_nodes}" if self.max_nodes else str(self.nodes)
 
     def check(self) -> None:
         if self.nodes < 1 or self.per_node < 1:
             raise ConfigError(f"--nodes and --gpus-per-node must be ≥ 1, got {self.nodes} and {self.per_node}")
+        if self.max_nodes and self.max_nodes < self.nodes:
+            raise ConfigError(f"--nodes={self.nodes_spec}: MIN must not exceed MAX")
         if self.launcher not in LAUNCHERS:
             raise ConfigError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got '{self.launcher}'")
         if self.container_image and self.apptainer:
@@ -76,7 +99,7 @@ def _sbatch_lines(job: SlurmJob, name: str, log: str) -> list[str]:
     unit = "CPU slot" if job.cpu else "GPU"
     lines = [
         f"#SBATCH --job-name={name}",
-        f"#SBATCH --nodes={job.nodes}",
+        f"#SBATCH --nodes={job.nodes_spec}",
         f"#SBATCH --ntasks-per-node={job.per_node}     # one task (rank) per {unit}",
     ]
     if not job.cpu:
@@ -185,7 +208,7 @@ def render(job: SlurmJob, cfg: RunConfig, config_path: str, log_path: str, comma
     body = [
         "#!/bin/bash",
         f"# megadeep run '{cfg.name}': TP={p.tp} × DP={p.dp} × PP={p.pp} = {layout.world_size} ranks "
-        f"on {job.nodes} node(s) × {job.per_node} {unit}.",
+        f"on {job.nodes_spec} node(s) × {job.per_node} {unit}.",
         f"# Written by: {command}",
         f"# The run config (resolved for this world size) is {config_path}.",
         f"# Time limit: {job.signal_grace_s} s before it, SLURM sends USR1 to every rank; each finishes its step,",

@@ -6,7 +6,6 @@ than once in a process (tests run several layouts in one launch).
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
@@ -21,8 +20,9 @@ from megadeep.config.schema import RunConfig
 from megadeep.data.loader import Loader, build_split
 from megadeep.errors import RunAborted
 from megadeep.finetune.build import build_finetune_model, finetuning
-from megadeep.launch.env import bind_device, discover, init_distributed
+from megadeep.launch.env import bind_device, discover, init_distributed, quiet_libraries
 from megadeep.launch.placement import report_actual
+from megadeep import ops
 from megadeep.model import num_params
 from megadeep.model.accounting import active_params
 from megadeep.model.moe import set_loss_scale, stats_record, take_stats
@@ -87,13 +87,12 @@ class Summary:
 
 class Trainer:
     def __init__(self, cfg: RunConfig):
-        import deepspeed
-
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.cfg = cfg
         self.stop = preemption.install()
         pe = discover()
         self.device = bind_device(pe, cfg.train.device)  # first: before any CUDA tensor, RNG or DeepSpeed call
+        quiet_libraries(self.device, pe.rank)  # before DeepSpeed's first import
+        import deepspeed
         self.run_facts = run = resolve_run(cfg, self.device.type)
         init_distributed(pe, self.device, cfg.train.dist_timeout_s)
         p = cfg.parallel
@@ -152,8 +151,12 @@ class Trainer:
         if self.rank == 0 and cfg.log.progress:
             ep = f" EP={p.ep}" if p.ep > 1 else ""
             active = f" ({active_params(cfg.model) / 1e6:.2f}M active)" if cfg.model.moe.enabled else ""
+            kernels = "fused csrc" if ops.use_fused(cfg.model.fused_kernels) else "PyTorch"  # cached: the model's choice
+            data = f"{cfg.data.source} {cfg.data.corpus or ','.join(cfg.data.paths)}"
             print(f"megadeep: {cfg.name} | layout TP={p.tp}{run.describe_cp} DP={p.dp} PP={p.pp}{ep} | "
-                  f"{num_params(cfg.model) / 1e6:.2f}M params{active} | optimizer {self.optimizer_name} | device {self.device}", flush=True)
+                  f"{num_params(cfg.model) / 1e6:.2f}M params{active} | optimizer {self.optimizer_name} | "
+                  f"device {self.device} x{dist.get_world_size()} | ZeRO-{run.zero_stage} | kernels {kernels} | "
+                  f"data {data}", flush=True)
             if self.pipelined:
                 print(model.stage_map(), flush=True)
         self.maybe_resume()

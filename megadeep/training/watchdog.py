@@ -30,25 +30,28 @@ class Watchdog:
         self.interval = max(0.2, min(5.0, timeout_s / 10))
         self.step, self.last = 0, time.monotonic()
         self.host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        self._stop = threading.Event()
+        self._stop, self._lock = threading.Event(), threading.Lock()
         self._beat()
         self._thread = threading.Thread(target=self._run, name="megadeep-watchdog", daemon=True)
         self._thread.start()
 
     def progress(self, step: int) -> None:
-        """The main loop finished ``step``."""
+        """The main loop finished ``step``; the heartbeat says so now (a beat only from the thread could
+        name a step before the last one this rank finished, if it stops between two beats)."""
         self.step, self.last = step, time.monotonic()
+        self._beat()
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
 
     def _beat(self) -> None:
-        beat = {"rank": self.rank, "host": self.host, "pid": os.getpid(), "step": self.step, "time": time.time()}
-        path = self.dir / f"rank_{self.rank:05d}.json"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(beat))
-        os.replace(tmp, path)  # readers never see half a heartbeat
+        with self._lock:  # the main loop (progress) and the thread both beat
+            beat = {"rank": self.rank, "host": self.host, "pid": os.getpid(), "step": self.step, "time": time.time()}
+            path = self.dir / f"rank_{self.rank:05d}.json"
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(beat))
+            os.replace(tmp, path)  # readers never see half a heartbeat
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
