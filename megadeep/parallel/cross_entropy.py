@@ -74,6 +74,7 @@ class _CrossEntropy(torch.autograd.Function):
         grad.scatter_add_(-1, safe_t, (~ignored).unsqueeze(-1).to(grad.dtype).neg_())
         ctx.save_for_backward(grad, ignored)
         ctx.mark_non_differentiable(logits)
+        ctx.set_materialize_grads(False)  # else backward gets a zero-filled [tokens, vocab] for ``logits``
         return loss, logits
 
     @staticmethod
