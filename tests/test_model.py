@@ -34,6 +34,29 @@ def test_padded_vocab_never_wins_or_learns():
     assert torch.all(m.tok_embeddings.weight.grad[50:] == 0)
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_single_shard_cross_entropy_matches_torch(overwrite):
+    """TP=1 without padding takes the fused single-shard path (with ``overwrite``: in the logits' own
+    buffer): loss and gradients equal F.cross_entropy's (ignore_index rows included), and a second
+    backward through it is refused, not silently wrong."""
+    from megadeep.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(3, 7, 8, generator=g), torch.randn(40, 8, generator=g)
+    target = torch.randint(0, 40, (3, 7), generator=g)
+    target[:, ::3] = -100
+    grad_out = torch.rand(3, 7, generator=g)
+    ref_w, got_w = w.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy((h @ ref_w.T).flatten(0, 1), target.flatten(), reduction="none")
+    (ref.view(3, 7) * grad_out).sum().backward()
+    got = vocab_parallel_cross_entropy(h @ got_w.T, target, 40, overwrite=overwrite)
+    (got * grad_out).sum().backward(retain_graph=True)
+    torch.testing.assert_close(got, ref.view(3, 7), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_w.grad, ref_w.grad, rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (got * grad_out).sum().backward()
+
+
 def test_residual_scaling_and_deepnorm_inits():
     scaled = Transformer(ModelConfig(**SMALL, residual_scaling=True))
     plain = Transformer(ModelConfig(**SMALL, residual_scaling=False))

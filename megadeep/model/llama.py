@@ -262,14 +262,16 @@ class OutputHead(nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int = -100,
-            cp_grad_scale: float = 1.0) -> torch.Tensor:
+            cp_grad_scale: float = 1.0, overwrite: bool = False) -> torch.Tensor:
     """Mean loss over the whole sequences' tokens. ``targets`` are whole sequences; under context
     parallelism ``logits`` are this rank's CP slice and the loss is its share of the global mean
-    (``context.loss_share``; ``cp_grad_scale`` for engines that average gradients over CP)."""
+    (``context.loss_share``; ``cp_grad_scale`` for engines that average gradients over CP).
+    ``overwrite``: ``logits`` are scratch (see ``vocab_parallel_cross_entropy``)."""
     if context.world() == 1:
-        return mean_loss(vocab_parallel_cross_entropy(logits, targets, vocab_size, ignore_index), targets, ignore_index)
+        per_token = vocab_parallel_cross_entropy(logits, targets, vocab_size, ignore_index, overwrite)
+        return mean_loss(per_token, targets, ignore_index)
     targets = context.split(targets)
-    per_token = vocab_parallel_cross_entropy(logits, targets, vocab_size, ignore_index)
+    per_token = vocab_parallel_cross_entropy(logits, targets, vocab_size, ignore_index, overwrite)
     return context.loss_share(per_token, targets != ignore_index, cp_grad_scale)
 
 
@@ -299,7 +301,7 @@ class Transformer(nn.Module):
         logits = tied_logits(self.tok_embeddings, h) if self.output is None else self.output(h)
         if targets is None:
             return logits  # [batch, seq (/CP), padded_vocab / TP]
-        return lm_loss(logits, targets, self.cfg.vocab_size, cp_grad_scale=self.cp_grad_scale)  # MoE router losses: see model/moe.py
+        return lm_loss(logits, targets, self.cfg.vocab_size, cp_grad_scale=self.cp_grad_scale, overwrite=True)  # MoE router losses: see model/moe.py
 
     def init_weights(self, seed: int) -> None:
         init_weights(self, "", seed)
