@@ -3,14 +3,25 @@
 and the stall an asynchronous save puts on training.
 
 megadeep's save also hashes every byte (sha256) and fsyncs; its load verifies the hashes first. The
-ratios say what that safety costs. The stall: the step that triggers a background save (its
-``train_step`` + ``after_step``) against a normal step plus the snapshot to host memory, and the
-steps that run while the save is written.
+ratios say what that safety costs. DeepSpeed's ``save_checkpoint`` (TorchCheckpointEngine, 0.19.8) does
+not fsync at all: its files may still be in the page cache when it returns. So the save is compared two
+ways: against DeepSpeed as it is, and against DeepSpeed followed by an fsync of every file it wrote
+(like for like); megadeep's own fsync time is reported as its share (never dropped: a checkpoint is
+never half-written).
+
+The stall: the step that triggers a background save (its ``train_step`` + ``after_step``) against a
+normal step plus the snapshot to host memory, and the steps that run while the save is written.
+"Total save time" of an async save is snapshot + background write/hash/fsync with training paused
+(``async_paused_total_s``: the save's own work, what DeepSpeed's synchronous save is timed doing). The
+same save while training runs (``async_while_training_s``) shares 2 cores with the training step, so
+its wall time is inflated by design; it is reported, with the time the steps meanwhile lost.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -48,6 +59,11 @@ def run(quick: bool = False) -> dict:
         saves = interleaved({"megadeep": lambda: manager.save(state),
                              "deepspeed": lambda: engine.save_checkpoint(str(ds_dir), tag="t")}, repeats)
         ours_save, ds_save = saves["median_s"]["megadeep"], saves["median_s"]["deepspeed"]
+        synced = interleaved({"megadeep": lambda: timed_fsync(lambda: manager.save(state)),
+                              "deepspeed+fsync": lambda: (engine.save_checkpoint(str(ds_dir), tag="t"),
+                                                          fsync_tree(ds_dir / "t"))}, repeats)
+        fsync_share = statistics.median(fsync_s)
+        paused = measure_paused(manager, state)
         cfg.checkpoint.resume = str(manager.last_good)
         ours_load = median_time(manager.resume, repeats=repeats)
         ds_load = median_time(lambda: engine.load_checkpoint(str(ds_dir), tag="t"), repeats=repeats)
@@ -56,9 +72,14 @@ def run(quick: bool = False) -> dict:
             "params": num_params(cfg.model), "train_step_s": step_s,
             "megadeep_save_s": ours_save, "deepspeed_save_s": ds_save, "save_ratio": saves["ratio"],
             "save_samples_s": saves["samples_s"],
+            "deepspeed_fsynced_save_s": synced["median_s"]["deepspeed+fsync"],
+            "save_ratio_vs_deepspeed_fsynced": synced["ratio"], "fsynced_samples_s": synced["samples_s"],
+            "megadeep_fsync_s": fsync_share, **paused,
+            "async_paused_over_deepspeed": paused["async_paused_total_s"] / ds_save,
+            "load_avg": os.getloadavg(),
             "megadeep_load_s": ours_load, "deepspeed_load_s": ds_load, "load_ratio": ours_load / ds_load,
             "megadeep_bytes": size(manager.last_good), "deepspeed_bytes": size(ds_dir / "t"),
-            **stall, "async_total_over_deepspeed": stall["async_total_s"] / ds_save,
+            **stall, "async_while_training_over_deepspeed": stall["async_while_training_s"] / ds_save,
         }
         trainer.close()
         return result
@@ -84,6 +105,51 @@ def interleaved(fns: dict, repeats: int) -> dict:
             "ratio": statistics.median(x / y for x, y in zip(samples[a], samples[b]))}
 
 
+fsync_s: list[float] = []
+
+
+def timed_fsync(fn) -> None:
+    """Run ``fn`` and record the seconds it spent inside ``os.fsync`` (megadeep's fsync share)."""
+    import time
+
+    real, spent = os.fsync, [0.0]
+
+    def fsync(fd):
+        start = time.perf_counter()
+        real(fd)
+        spent[0] += time.perf_counter() - start
+
+    os.fsync = fsync
+    try:
+        fn()
+    finally:
+        os.fsync = real
+    fsync_s.append(spent[0])
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file DeepSpeed wrote and their directories: what megadeep does before it commits."""
+    from megadeep.checkpoint.store import fsync_dir
+
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for d in {p.parent for p in root.rglob("*")} | {root, root.parent}:
+        fsync_dir(d)
+
+
+def measure_paused(manager, state) -> dict:
+    """An async save's own work: snapshot, then the background write/hash/fsync with nothing else running."""
+    import time
+
+    start = time.perf_counter()
+    manager.save(state, background=True)
+    manager.wait()
+    return {"async_paused_total_s": time.perf_counter() - start, "paused_snapshot_s": manager.timings["snapshot_s"],
+            "paused_write_s": manager.timings["write_s"]}
+
+
 def measure_stall(trainer, manager, step_s: float) -> dict:
     """Time the step that starts a background save and the steps that run while it is written."""
     import time
@@ -102,7 +168,7 @@ def measure_stall(trainer, manager, step_s: float) -> dict:
         manager.poll()
         during.append(time.perf_counter() - t0)
     return {"trigger_step_s": trigger_s, "snapshot_s": snapshot_s, "background_write_s": manager.timings["write_s"],
-            "steps_during_save_s": during, "async_total_s": snapshot_s + manager.timings["write_s"],
+            "steps_during_save_s": during, "async_while_training_s": snapshot_s + manager.timings["write_s"],
             "stall_limit_s": 1.5 * step_s + snapshot_s, "stall_ok": trigger_s <= 1.5 * step_s + snapshot_s}
 
 
@@ -114,8 +180,13 @@ def headline(r: dict) -> list[dict]:
             for what in safety] + [
         row(f"step that starts an async save, s, vs 1.5 x normal step + host snapshot ({r['snapshot_s']:.2f} s), "
             f"{r['params'] / 1e6:.0f}M params", r["trigger_step_s"], r["stall_limit_s"]),
-        row(f"async save total (snapshot + background write/hash/fsync) s vs DeepSpeed save_checkpoint, "
-            f"{r['params'] / 1e6:.0f}M params", r["async_total_s"], r["deepspeed_save_s"]),
+        row(f"checkpoint save s, megadeep (hashed + fsynced) vs DeepSpeed save_checkpoint + fsync of its files, "
+            f"{r['params'] / 1e6:.0f}M params", statistics.median(
+                r["fsynced_samples_s"]["megadeep"]), r["deepspeed_fsynced_save_s"], r["save_ratio_vs_deepspeed_fsynced"]),
+        row(f"async save total, training paused (snapshot + background write/hash/fsync) s vs DeepSpeed "
+            f"save_checkpoint, {r['params'] / 1e6:.0f}M params", r["async_paused_total_s"], r["deepspeed_save_s"]),
+        row(f"async save wall while training runs on the same 2 cores s vs DeepSpeed save_checkpoint, "
+            f"{r['params'] / 1e6:.0f}M params", r["async_while_training_s"], r["deepspeed_save_s"]),
     ]
 
 
@@ -131,6 +202,10 @@ if __name__ == "__main__":
     print(f"{'bytes':10}{r['megadeep_bytes'] / 1e6:>11.0f}M{r['deepspeed_bytes'] / 1e6:>11.0f}M")
     print(f"async: trigger step {r['trigger_step_s']:.2f} s (limit {r['stall_limit_s']:.2f} s = 1.5 x step + "
           f"snapshot {r['snapshot_s']:.2f} s), background write {r['background_write_s']:.2f} s, total "
-          f"{r['async_total_s']:.2f} s = {r['async_total_over_deepspeed']:.2f} x DeepSpeed save; steps meanwhile "
+          f"{r['async_while_training_s']:.2f} s = {r['async_while_training_over_deepspeed']:.2f} x DeepSpeed save; "
+          f"training paused {r['async_paused_total_s']:.2f} s = {r['async_paused_over_deepspeed']:.2f} x; steps meanwhile "
           + ", ".join(f"{t:.2f}" for t in r["steps_during_save_s"]))
+    print(f"save vs DeepSpeed + fsync: {r['deepspeed_fsynced_save_s']:.2f} s, ratio "
+          f"{r['save_ratio_vs_deepspeed_fsynced']:.2f}; megadeep fsync share {r['megadeep_fsync_s']:.2f} s; "
+          f"load {r['load_avg']}")
     print(f"wrote {save('checkpoint', {'quick': args.quick, **r})}")

@@ -147,11 +147,16 @@ class CheckpointManager:
         for kind in KINDS:
             tensors = {}
             for name, p in self.params.items():
+                local = None if is_expert(p) else self.state.local(p, kind)  # the same on every rank of p's DP group
+                if local is not None:
+                    if writer:  # a synchronous save writes straight from the optimizer's memory
+                        tensors[name] = self._to_host(kind, name, local) if background else local
+                    continue
                 t = self.state.get(p, kind)  # collective over DP under ZeRO; a copy, never a view
                 if is_expert(p):
                     t = gather_experts(t)  # collective over EP
                 if writer:
-                    tensors[name] = self._to_host(kind, name, t)
+                    tensors[name] = t if t.device.type == "cpu" else self._to_host(kind, name, t)
             if writer:
                 snapshot[tensor_file(kind, self.coord.tp, self.coord.pp)] = (kind, tensors)
         if self.device_type == "cuda":
@@ -178,13 +183,11 @@ class CheckpointManager:
         return final
 
     def _to_host(self, kind: str, name: str, t: torch.Tensor) -> torch.Tensor:
-        """``t`` in host memory the background writer can own: on GPU a reused pinned buffer (the
-        previous save has finished, so it is free), on CPU ``t`` itself (``EngineState.get`` copies)."""
-        if t.device.type == "cpu":
-            return t
+        """A copy of ``t`` in a reused host buffer the background writer can own (the previous save has
+        finished, so it is free); pinned on GPU. Reused on CPU too: fresh pages cost more than the copy."""
         buf = self._host.get((kind, name))
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self._host[(kind, name)] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf = self._host[(kind, name)] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
         return buf.copy_(t, non_blocking=True)
 
     def in_flight(self) -> bool:
