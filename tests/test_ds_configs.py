@@ -157,6 +157,14 @@ def test_memory_matches_zero_formula_dp2(stage, precision, dp2):
     assert_matches_formula(rows, stage, f"zero{stage} {precision} DP=2")
 
 
+def test_zero3_fp32_master_is_the_parameter_partition(dp2):
+    """megadeep.training.ds_fixes: fp32 ZeRO-3 updates the parameters' own flat partition (DeepSpeed
+    0.19.8 would clone it: a str-vs-torch.device comparison), and the formula's 8 B/param of optimizer
+    states (test_memory_matches_zero_formula_dp2) is what it then holds; bf16 keeps its fp32 master."""
+    assert all(r["master_shares_params"] for r in results_for(dp2[0], "zero3")["memory"])
+    assert not any(r["master_shares_params"] for r in results_for(dp2[0], "zero3", "bf16")["memory"])
+
+
 def memory_on_4_ranks(text, tmp_path, specs: list[str]) -> dict:
     """Train ``specs`` (each naming deepspeed.config=zeroN) on 4 ranks; every rank's measured model
     states match the formula. Returns the results by spec."""

@@ -5,9 +5,11 @@ Model states follow the ZeRO paper (Rajbhandari et al. 2020, §3.1 and §5): wit
 rank and mixed-precision Adam, 2Ψ bytes of parameters + 2Ψ of gradients + KΨ of optimizer states
 (K = 12: fp32 master copy, momentum, variance); ZeRO stage 1 divides the optimizer term by the
 data-parallel degree N_d, stage 2 also the gradients, stage 3 also the parameters. In fp32 training
-Adam needs no master copy (K = 8), but DeepSpeed's ZeRO optimizers clone the fp32 partition anyway,
-so K = 12 again from stage 1 on: the formula follows what DeepSpeed allocates (measured by
-``megadeep memory``, see tests/test_ds_configs.py).
+Adam needs no master copy (K = 8), but DeepSpeed's stage 1/2 optimizers and an offloaded optimizer
+clone the fp32 partition anyway, so K = 12 there; stage 3 without optimizer offload uses the
+partition itself (once megadeep.training.ds_fixes works around DeepSpeed 0.19's device comparison):
+the formula follows what DeepSpeed allocates (measured by ``megadeep memory``, see
+tests/test_ds_configs.py).
 """
 from __future__ import annotations
 
@@ -39,15 +41,18 @@ class ModelStates:
         return self.params + self.grads + self.optimizer
 
 
-def adam_bytes_per_param(precision: str, stage: int) -> int:
+def adam_bytes_per_param(precision: str, stage: int, offload_optimizer: bool = False) -> int:
     """K of the ZeRO paper for Adam: fp32 momentum and variance (8), plus 4 for the fp32 master copy
-    that mixed precision needs. In fp32 training only stage 0 goes without: Adam updates the
-    parameters in place, while DeepSpeed's ZeRO optimizers (stages 1-3) keep an fp32 copy of the
-    partition apart from the parameters even when those are fp32 already."""
-    return 8 if precision == "fp32" and stage == 0 else 12
+    that mixed precision needs. In fp32 training stage 0 goes without (Adam updates the parameters in
+    place) and so does stage 3 with the optimizer on the device (the flat partition is the master,
+    see megadeep.training.ds_fixes); DeepSpeed's stage 1/2 optimizers and an offloaded optimizer keep
+    an fp32 copy of the partition apart from the parameters even when those are fp32 already."""
+    shared = stage == 0 or (stage == 3 and not offload_optimizer)
+    return 8 if precision == "fp32" and shared else 12
 
 
-def model_states(n_params: float, stage: int, dp: int, precision: str, persistent: float = 0) -> ModelStates:
+def model_states(n_params: float, stage: int, dp: int, precision: str, persistent: float = 0,
+                 offload_optimizer: bool = False) -> ModelStates:
     """ZeRO's per-rank model states for ``n_params`` parameters held by this rank before ZeRO.
     At stage 3, ``persistent`` parameters (small tensors DeepSpeed keeps gathered) are held whole on
     top of the rank's share of the partitioned flat buffer, which still covers them."""
@@ -55,7 +60,7 @@ def model_states(n_params: float, stage: int, dp: int, precision: str, persisten
     return ModelStates(
         params=(n_params / dp + persistent) * p if stage >= 3 else n_params * p,
         grads=n_params * p / (dp if stage >= 2 else 1),
-        optimizer=n_params * adam_bytes_per_param(precision, stage) / (dp if stage >= 1 else 1),
+        optimizer=n_params * adam_bytes_per_param(precision, stage, offload_optimizer) / (dp if stage >= 1 else 1),
     )
 
 
@@ -66,7 +71,8 @@ def persistent_numel(numels: list[int], threshold: int) -> int:
 
 
 
-def rank_model_states(cfg, zero_stage: int, persistence_threshold: int, pp_rank: int = 0) -> ModelStates:
+def rank_model_states(cfg, zero_stage: int, persistence_threshold: int, pp_rank: int = 0,
+                      offload_optimizer: bool = False) -> ModelStates:
     """The model states one rank of run config ``cfg`` holds (its pipeline stage's parameters as
     megadeep.model.accounting counts them, ZeRO-partitioned at ``zero_stage``; the stage and the
     persistence threshold are the resolved run's, read from its recipe once)."""
@@ -76,8 +82,8 @@ def rank_model_states(cfg, zero_stage: int, persistence_threshold: int, pp_rank:
     blocks = [i - 1 for i in range(bounds[pp_rank], bounds[pp_rank + 1]) if 1 <= i <= cfg.model.n_layers]
     experts = expert_param_numel(cfg.model, p.tp, p.ep, blocks)
     dense = model_states(sum(numels) - experts, zero_stage, p.dp * p.cp, cfg.train.precision,  # ZeRO shards over DP×CP
-                         persistent=persistent_numel(numels, persistence_threshold))
+                         persistent=persistent_numel(numels, persistence_threshold), offload_optimizer=offload_optimizer)
     if not experts:
         return dense
-    moe = model_states(experts, zero_stage, p.dp // p.ep * p.cp, cfg.train.precision)  # over the expert-DP group
+    moe = model_states(experts, zero_stage, p.dp // p.ep * p.cp, cfg.train.precision, offload_optimizer=offload_optimizer)  # over the expert-DP group
     return ModelStates(dense.params + moe.params, dense.grads + moe.grads, dense.optimizer + moe.optimizer)

@@ -13,7 +13,8 @@ def expected_states(run, pp_rank: int):
     """The planner's model-state prediction for one rank of a resolved run (``training.run``)."""
     from megadeep.planner.memory import rank_model_states
 
-    return rank_model_states(run.cfg, run.zero_stage, run.persistence_threshold, pp_rank)
+    return rank_model_states(run.cfg, run.zero_stage, run.persistence_threshold, pp_rank,
+                             run.offload_optimizer != "none")
 
 
 def measure_point(cfg) -> int:

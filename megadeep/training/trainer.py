@@ -35,6 +35,7 @@ from megadeep.training import preemption
 from megadeep.training.build import build_model
 from megadeep.training.grad_norm import ClipByGlobalNorm
 from megadeep.training.guard import FaultGuard
+from megadeep.training.ds_fixes import share_zero3_fp32_master
 from megadeep.training.host_memory import release_freed_memory, tune_cpu_allocator
 from megadeep.training.optimizer import choose_adam, lr_scheduler, param_groups
 from megadeep.training.run import resolve_run
@@ -126,6 +127,7 @@ class Trainer:
         adam = choose_adam(ds_config, self.device.type, run.adam)
         self.optimizer_name = adam.name
         o = cfg.optim
+        share_zero3_fp32_master()  # DeepSpeed 0.19's fp32 ZeRO-3 keeps a second master copy (ds_fixes)
         self.engine, optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, o.weight_decay), optimizer=adam.client,
             config=ds_config, mpu=mpu,

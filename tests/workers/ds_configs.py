@@ -27,7 +27,11 @@ def run(cfg) -> dict:
             losses.append(trainer.train_step(after_backward=hook).loss)
         expected = expected_states(trainer.run_facts, groups.get_pipeline_model_parallel_rank())
         largest = max(p.numel() * p.element_size() for p in trainer.engine.module.parameters())
+        opt = trainer.engine.optimizer  # ZeRO-3: is the fp32 master the parameters' own flat partition?
+        shared = [m.data_ptr() == q.data_ptr() for m, q in zip(
+            getattr(opt, "fp32_partitioned_groups_flat", []), getattr(opt, "fp16_partitioned_groups_flat", []))]
         row = {**measured[0].as_dict(), "rank": dist.get_rank(), "largest_param_bytes": largest,
+               "master_shares_params": bool(shared) and all(shared),
                "expected": {"params": expected.params, "grads": expected.grads, "optimizer": expected.optimizer}}
         rows = [None] * dist.get_world_size()
         dist.all_gather_object(rows, row)
