@@ -119,7 +119,7 @@ INVALID = [
      "is not SRC:DST"),
     ("launch slurm {cfg} --nodes 1 --gpus-per-node 2 --out {dir}/slurm --workdir /nonexistent", "is not a directory"),
     ("launch slurm {cfg} --nodes 1 --gpus-per-node 2 --out {dir}/slurm --signal-grace 0", "--signal-grace must be ≥ 1"),
-    ("launch slurm {cfg} --nodes x --gpus-per-node 2", "argument --nodes: invalid int value"),
+    ("launch slurm {cfg} --nodes x --gpus-per-node 2", "--nodes must be N or MIN-MAX"),
     ("launch slurm {cfg} --nodes 1 --gpus-per-node 2 --out {dir}/slurm data.paths=[a", "is not valid YAML"),
     ("launch slurm {cfg} --nodes 1 --gpus-per-node 2 --out {dir}/slurm optim.lr=inf", "optim.lr must be a finite"),
     ("launch slurm {cfg} --nodes 1 --gpus-per-node 2 --launcher pdsh", "argument --launcher: invalid choice"),
