@@ -1,4 +1,4 @@
-"""Raw text → token shards on datatrove: five stages (see :mod:`megadeep.data.steps`), run by datatrove's
+"""Raw text → token shards on datatrove: six stages (see :mod:`megadeep.data.steps`), run by datatrove's
 local executor (``workers`` processes) or as chained SLURM array jobs, with the same output either way.
 
 What a task does is fixed by the input files and ``tasks`` (input files are dealt to tasks like cards),
@@ -159,8 +159,9 @@ def _stages(paths: list[Path], out: Path, tokenizer: Path, s: PreprocessSettings
             steps.Signatures(work, s)]),
         ("buckets", config.num_buckets, [MinhashDedupBuckets(str(work.sigs), str(work.buckets), config=config)]),
         ("clusters", 1, [steps.Clusters(work, s, tasks)]),
-        ("tokenize", tasks, [steps.ReadClean(work), steps.DropDuplicates(work),
-                             steps.TokenShards(work, str(tokenizer), s, threads)]),
+        ("tokenize", tasks * steps.SLICES, [steps.ReadClean(work, steps.SLICES), steps.DropDuplicates(work, steps.SLICES),
+                                            steps.Tokenize(work, str(tokenizer), s, threads)]),
+        ("shards", tasks, [steps.TokenShards(work, str(tokenizer), s, steps.SLICES)]),
         ("manifest", 1, [steps.Manifest(work, str(tokenizer), tasks, header)]),
     ]
     if not s.dedup.near:
