@@ -11,8 +11,8 @@ ratios, with the load average recorded each round (the machine may be shared). T
 to one core (CPU affinity, inherited by every process it starts), so its rate is the end-to-end rate per
 core and the speedup is 2 cores over 1; the baseline is the pre-datatrove pipeline's 0.36 MB/s per core
 (bench/results/preprocess-2026-11-23.json). Each round also runs 1 worker free to use both cores
-(``*_all_cores``): preprocessing gives each worker's SentencePiece calls cores/workers threads, so a lone
-worker tokenises on every core, which is not a per-core rate.
+(``*_all_cores``): SentencePiece encodes a batch with a thread per core, so an unpinned lone worker
+tokenises on both cores, which is not a per-core rate.
 
 Where the speedup goes (Amdahl): each datatrove stage's wall time with 1 and 2 workers (medians). The
 serial part is what 2 workers cannot share: the one-task stages (clusters, manifest) and the time

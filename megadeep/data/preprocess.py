@@ -1,4 +1,4 @@
-"""Raw text → token shards on datatrove: six stages (see :mod:`megadeep.data.steps`), run by datatrove's
+"""Raw text → token shards on datatrove: five stages (see :mod:`megadeep.data.steps`), run by datatrove's
 local executor (``workers`` processes) or as chained SLURM array jobs, with the same output either way.
 
 What a task does is fixed by the input files and ``tasks`` (input files are dealt to tasks like cards),
@@ -138,8 +138,8 @@ def _prepare_out_dir(out: Path, fingerprint: dict, overwrite: bool) -> None:
     saved.write_text(json.dumps(fingerprint, indent=1) + "\n")
 
 
-def _stages(paths: list[Path], out: Path, tokenizer: Path, s: PreprocessSettings, threads: int):
-    """(name, tasks, pipeline) of each stage; a task tokenises with ``threads`` SentencePiece threads."""
+def _stages(paths: list[Path], out: Path, tokenizer: Path, s: PreprocessSettings):
+    """(name, tasks, pipeline) of each stage."""
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
     from datatrove.pipeline.writers import JsonlWriter
 
@@ -159,9 +159,8 @@ def _stages(paths: list[Path], out: Path, tokenizer: Path, s: PreprocessSettings
             steps.Signatures(work, s)]),
         ("buckets", config.num_buckets, [MinhashDedupBuckets(str(work.sigs), str(work.buckets), config=config)]),
         ("clusters", 1, [steps.Clusters(work, s, tasks)]),
-        ("tokenize", tasks * steps.SLICES, [steps.ReadClean(work, steps.SLICES), steps.DropDuplicates(work, steps.SLICES),
-                                            steps.Tokenize(work, str(tokenizer), s, threads)]),
-        ("shards", tasks, [steps.TokenShards(work, str(tokenizer), s, steps.SLICES)]),
+        ("tokenize", tasks, [steps.ReadClean(work), steps.DropDuplicates(work),
+                             steps.TokenShards(work, str(tokenizer), s)]),
         ("manifest", 1, [steps.Manifest(work, str(tokenizer), tasks, header)]),
     ]
     if not s.dedup.near:
@@ -196,14 +195,12 @@ def preprocess(inputs: list[str], out_dir: str | Path, tokenizer: str | Path, s:
     fingerprint = {"inputs": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths],
                    "tokenizer": sha256_file(tok.path), "settings": s.result_settings()}
     _prepare_out_dir(out, fingerprint, overwrite)
-    cores = len(os.sched_getaffinity(0))
-    workers = s.workers or cores
-    threads = slurm.cpus_per_task if slurm is not None else max(1, cores // min(workers, s.tasks or len(paths)))
-    work, stages = _stages(paths, out, tok.path, s, threads)
+    work, stages = _stages(paths, out, tok.path, s)
     if slurm is not None:
         return _submit(work, stages, slurm)
     from datatrove.executor import LocalPipelineExecutor
 
+    workers = s.workers or os.cpu_count() or 1
     stage_wall = {}
     with _quiet_datatrove():
         for name, tasks, pipeline in stages:

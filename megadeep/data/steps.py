@@ -7,16 +7,14 @@ documents, read again by stage 4) → :class:`Signatures` (MinHash bands through
 Stage 2: datatrove ``MinhashDedupBuckets`` (a task per band): candidate pairs across all tasks.
 Stage 3: :class:`Clusters` (one task): confirms candidates by exact Jaccard, groups exact and near
 duplicates, writes each stage-1 task's remove list.
-Stage 4 (``SLICES`` tasks per stage-1 task): :class:`ReadClean` → :class:`DropDuplicates` → :class:`Tokenize`.
-Stage 5 (a task per stage-1 task): :class:`TokenShards` (the task's slices merged in order, cut into shards).
-Stage 6: :class:`Manifest` (one task): sums the counts, names the shards in task order, writes the manifest.
+Stage 4 (a task per stage-1 task): :class:`ReadClean` → :class:`DropDuplicates` → :class:`TokenShards`.
+Stage 5: :class:`Manifest` (one task): sums the counts, names the shards in task order, writes the manifest.
 
 Every step that counts writes ``counts/<step>-<task>.json`` when its task ends; a task that is rerun
 rewrites its own files, so the sums are right however often tasks were killed and resubmitted.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -36,7 +34,7 @@ from megadeep.data import dedup
 from megadeep.data.cleaning import normalize, quality_failure
 from megadeep.data.pii import scrub
 from megadeep.data.shards import ShardWriter, token_dtype, write_manifest
-from megadeep.data.tokenizer import Tokenizer, open_tokenizer
+from megadeep.data.tokenizer import open_tokenizer
 
 
 class Work:
@@ -45,7 +43,7 @@ class Work:
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.root = self.out / ".work"
-        for name in ("clean", "sigs", "buckets", "keys", "shingles", "remove", "slices", "counts", "shards", "logs"):
+        for name in ("clean", "sigs", "buckets", "keys", "shingles", "remove", "counts", "shards", "logs"):
             setattr(self, name, self.root / name)
 
 
@@ -214,46 +212,18 @@ class Clusters(PipelineStep):
                                                "seconds": {"dedup_index": time.process_time() - t0}})
 
 
-SLICES = 2  # stage 4 splits each task's documents into this many tasks (see ReadClean)
-
-
-def _tokenizer(path: str):
-    """Loaded once per worker process, not once per task (again if the file changed)."""
-    st = os.stat(path)
-    return _load_tokenizer(path, st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=4)
-def _load_tokenizer(path: str, mtime_ns: int, size: int):
-    return open_tokenizer(path)
-
-
 class ReadClean(PipelineStep):
-    """Stage 4's input: one slice (every ``slices``-th document) of a stage-1 task's clean documents,
-    with their index in that task's stream. The documents a task keeps are not spread evenly over tasks
-    (the first copy of a duplicate is kept, so early tasks keep more), and tokenisation is most of stage
-    4: slicing lets idle workers share a heavy task's tokenisation. Only this slice's lines are parsed."""
+    """Stage 4's input: this task's clean documents from stage 1, in the order they were signed."""
 
     name = "megadeep read clean"
 
-    def __init__(self, work: Work, slices: int):
+    def __init__(self, work: Work):
         super().__init__()
-        self.work, self.slices = work, slices
+        self.work = work
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        import orjson
-
-        task, part = divmod(rank, self.slices)
-        path = self.work.clean / f"{task:05d}.jsonl"
-        if not path.is_file():
-            return
-        reader = JsonlReader(str(self.work.clean), compression=None)
-        with open(path, "rb") as f:
-            for i, line in enumerate(f):
-                if i % self.slices == part:
-                    doc = reader.get_document_from_dict(orjson.loads(line), path.name, i)
-                    doc.metadata["index"] = i
-                    yield doc
+        if (self.work.clean / f"{rank:05d}.jsonl").is_file():
+            yield from JsonlReader(str(self.work.clean), compression=None).read_file(f"{rank:05d}.jsonl")
 
 
 class DropDuplicates(PipelineStep):
@@ -262,99 +232,64 @@ class DropDuplicates(PipelineStep):
 
     name = "megadeep drop duplicates"
 
-    def __init__(self, work: Work, slices: int):
+    def __init__(self, work: Work):
         super().__init__()
-        self.work, self.slices = work, slices
+        self.work = work
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        remove = dict(map(tuple, np.load(self.work.remove / f"{rank // self.slices:05d}.npy").tolist()))
+        remove = dict(map(tuple, np.load(self.work.remove / f"{rank:05d}.npy").tolist()))
         dropped = Counter()
-        for doc in data:
-            if (reason := remove.get(doc.metadata["index"])) is not None:
-                dropped[dedup.REASONS[reason]] += 1
+        for i, doc in enumerate(data):
+            if i in remove:
+                dropped[dedup.REASONS[remove[i]]] += 1
                 continue
             yield doc
         save_counts(self.work, "duplicates", rank, {"dropped": dropped})
 
 
-class Tokenize(PipelineStep):
-    """Tokenises the kept documents of a slice in batches: their tokens back to back, each one's end and
-    its index in the task's stream (for :class:`TokenShards`)."""
-
-    name = "megadeep tokenize"
-
-    def __init__(self, work: Work, tokenizer: str, settings, threads: int):
-        super().__init__()
-        self.work, self.tokenizer, self.s, self.threads = work, tokenizer, settings, threads
-
-    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1):
-        tok = _tokenizer(self.tokenizer)
-        if isinstance(tok, Tokenizer):  # this task's share of the cores: N workers × one core each, not N × all
-            tok.threads = self.threads
-        dtype = token_dtype(tok.vocab_size)
-        self.work.slices.mkdir(parents=True, exist_ok=True)
-        base = self.work.slices / f"{rank:05d}"
-        c, pii, clock = Counter(), Counter(), Counter()
-        lengths, indices, batch, size = [], [], [], 0
-
-        def flush(f):
-            t0 = time.process_time()
-            ids = tok.encode_batch([d.text for d in batch])
-            for d, tokens in zip(batch, ids):
-                c["documents_kept"] += 1
-                c["bytes_kept"] += d.metadata["nbytes"]
-                c["tokens"] += len(tokens) + 1  # with the eos TokenShards adds
-                pii.update(d.metadata.get("pii", {}))
-                lengths.append(len(tokens))
-                indices.append(d.metadata["index"])
-            if ids:
-                np.concatenate(ids).astype(dtype, copy=False).tofile(f)
-            clock["tokenize"] += time.process_time() - t0
-            batch.clear()
-
-        with open(base.with_suffix(".bin"), "wb") as f:
-            for doc in data:
-                batch.append(doc)
-                size += len(doc.text)
-                if size >= self.s.batch_bytes:
-                    flush(f)
-                    size = 0
-            flush(f)
-        np.save(base.with_suffix(".idx.npy"), np.cumsum(lengths, dtype=np.int64))
-        np.save(base.with_suffix(".docs.npy"), np.asarray(indices, np.int64))
-        save_counts(self.work, "tokenize", rank, {**c, "pii_replaced": pii, "seconds": clock})
-
-
 class TokenShards(PipelineStep):
-    """Stage 5 (a task per stage-1 task): merges the task's tokenised slices back into stream order and
-    writes its token shards."""
+    """Tokenises the kept documents in batches and writes this task's token shards."""
 
     name = "megadeep token shards"
 
-    def __init__(self, work: Work, tokenizer: str, settings, slices: int):
+    def __init__(self, work: Work, tokenizer: str, settings):
         super().__init__()
-        self.work, self.tokenizer, self.s, self.slices = work, tokenizer, settings, slices
+        self.work, self.tokenizer, self.s = work, tokenizer, settings
 
-    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1):
-        t0 = time.process_time()
-        tok = _tokenizer(self.tokenizer)
-        dtype = token_dtype(tok.vocab_size)
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1):
+        tok = open_tokenizer(self.tokenizer)
         out = self.work.shards / f"{rank:05d}"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         writer = ShardWriter(out, tok.vocab_size, tok.eos_id, self.s.shard_tokens)
-        parts = [self.work.slices / f"{rank * self.slices + j:05d}" for j in range(self.slices)]
-        tokens = [np.memmap(p.with_suffix(".bin"), dtype, "r") if os.path.getsize(p.with_suffix(".bin"))
-                  else np.zeros(0, dtype) for p in parts]
-        ends = [np.load(p.with_suffix(".idx.npy")) for p in parts]
-        docs = [np.load(p.with_suffix(".docs.npy")) for p in parts]
-        which = np.concatenate([np.full(len(d), j) for j, d in enumerate(docs)])
-        pos = np.concatenate([np.arange(len(d)) for d in docs])
-        for k in np.argsort(np.concatenate(docs), kind="stable").tolist():
-            j, p = int(which[k]), int(pos[k])
-            writer.add(tokens[j][ends[j][p - 1] if p else 0: ends[j][p]])
+        c, pii, clock = Counter(), Counter(), Counter()
+        batch, size = [], 0
+
+        def flush():
+            t0 = time.process_time()
+            ids = tok.encode_batch([d.text for d in batch])
+            t1 = time.process_time()
+            for d, tokens in zip(batch, ids):
+                c["documents_kept"] += 1
+                c["bytes_kept"] += d.metadata["nbytes"]
+                c["tokens"] += len(tokens) + 1
+                pii.update(d.metadata.get("pii", {}))
+                writer.add(tokens)
+            clock["tokenize"] += t1 - t0
+            clock["write"] += time.process_time() - t1
+            batch.clear()
+
+        for doc in data:
+            batch.append(doc)
+            size += len(doc.text)
+            if size >= self.s.batch_bytes:
+                flush()
+                size = 0
+        flush()
+        t0 = time.process_time()
         writer.flush()
-        save_counts(self.work, "shards", rank, {"shards": writer.shards, "seconds": {"write": time.process_time() - t0}})
+        clock["write"] += time.process_time() - t0
+        save_counts(self.work, "shards", rank, {**c, "pii_replaced": pii, "shards": writer.shards, "seconds": clock})
 
 
 class Manifest(PipelineStep):
@@ -400,5 +335,5 @@ class Manifest(PipelineStep):
                     "documents": stats["documents_kept"], "tokens": stats["tokens"], "shards": listed,
                     "stats": stats, **self.header}
         write_manifest(self.work.out, manifest)
-        for name in ("clean", "sigs", "buckets", "keys", "shingles", "remove", "slices", "shards"):  # logs and counts stay
+        for name in ("clean", "sigs", "buckets", "keys", "shingles", "remove", "shards"):  # logs and counts stay
             shutil.rmtree(getattr(self.work, name), ignore_errors=True)

@@ -114,7 +114,6 @@ class Tokenizer:
             raise DataError(f"tokenizer '{path}' is not a SentencePiece model ({str(e).splitlines()[0][:120]})") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id()
-        self.threads = -1  # SentencePiece threads per encode_batch; -1: one per core
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids (uint32) of one text, without bos/eos."""
@@ -130,7 +129,7 @@ class Tokenizer:
             pieces += chunks
             owner += [i] * len(chunks)
         out: list[list] = [[] for _ in texts]
-        for i, ids in zip(owner, self.sp.encode(pieces, num_threads=self.threads)):
+        for i, ids in zip(owner, self.sp.encode(pieces)):
             out[i].append(ids)
         return [np.fromiter(chain.from_iterable(ids), np.uint32) for ids in out]
 
