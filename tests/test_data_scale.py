@@ -89,6 +89,22 @@ def corpus(tmp_path_factory):
     return d, paths, files
 
 
+def test_candidate_pairs_deduplicated_and_exact_pairs_found():
+    """The cluster stage's own row de-duplication agrees with np.unique(axis=0), order included, and it
+    finds the candidate pairs whose documents are exact duplicates (grouped without a Jaccard check)."""
+    from megadeep.data import dedup
+
+    rng = np.random.default_rng(0)
+    pairs = rng.integers(0, 3, (500, 4)).astype(np.uint32)
+    pairs[:100, 1::2] = rng.integers(0, 1 << 32, (100, 2), dtype=np.uint64).astype(np.uint32)  # high bits too
+    pairs = np.concatenate([pairs, pairs[::3], pairs[5:9]])
+    assert np.array_equal(dedup.unique_pairs(pairs), np.unique(pairs, axis=0))
+    assert dedup.unique_pairs(pairs[:0]).shape == (0, 4)
+    keys = [np.array([[1, 2], [3, 4]], np.uint64), np.zeros((0, 2), np.uint64), np.array([[3, 4], [1, 5]], np.uint64)]
+    found = dedup.same_exact_key(keys, np.array([[0, 1, 2, 0], [0, 0, 2, 1], [0, 0, 0, 1], [2, 0, 0, 1]], np.uint32))
+    assert found.tolist() == [True, False, False, True]
+
+
 def test_workers_parquet_and_compressed_inputs_give_identical_shards(tmp_path, tokenizer, corpus):
     d, paths, files = corpus
     one = run(tmp_path, paths, tokenizer, name="one")
@@ -99,6 +115,7 @@ def test_workers_parquet_and_compressed_inputs_give_identical_shards(tmp_path, t
     assert s["documents_in"] == 160 + 5 + 2 == s["documents_kept"] + sum(s["dropped"].values())
     assert s["pii_replaced"] == {"email": 1, "phone": 1}
     assert two["stats"]["workers"] == 2 and len(two["shards"]) > len(one["shards"]) == 4
+    assert list(two["stats"]["stage_wall_seconds"]) == ["clean", "buckets", "clusters", "tokenize", "manifest"]
     ref = stream(tmp_path / "one", one)
     assert np.array_equal(ref, stream(tmp_path / "two", two)) and len(ref) == one["tokens"] == two["tokens"]
     for k in ("documents_in", "documents_kept", "dropped", "pii_replaced", "bytes_in", "bytes_kept"):

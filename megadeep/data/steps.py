@@ -183,11 +183,14 @@ class Clusters(PipelineStep):
         keys = [np.load(self.work.keys / f"{t:05d}.npy") if self.s.exact else np.zeros((0, 2), np.uint64)
                 for t in range(self.tasks)]
         pairs = np.zeros((0, 4), np.uint32)
-        candidates = 0
+        candidates = same_text = 0
         if self.s.near and self.work.buckets.is_dir():
             found = [np.fromfile(f, np.uint32).reshape(-1, 4) for f in sorted(self.work.buckets.glob("*.dups"))]
-            pairs = np.unique(np.concatenate([pairs, *found]), axis=0)
+            pairs = dedup.unique_pairs(np.concatenate([pairs, *found]))
             candidates = len(pairs)
+            if self.s.exact:  # exact duplicates are grouped anyway: their Jaccard would change nothing
+                pairs = pairs[~dedup.same_exact_key(keys, pairs)]
+                same_text = candidates - len(pairs)
             sets = {}
             keep = np.zeros(len(pairs), bool)
             for i, (t1, d1, t2, d2) in enumerate(pairs.tolist()):
@@ -204,7 +207,8 @@ class Clusters(PipelineStep):
             by_task[t].append((d, reason))
         for t, rows in by_task.items():
             np.save(self.work.remove / f"{t:05d}.npy", np.asarray(sorted(rows), np.int64).reshape(-1, 2))
-        save_counts(self.work, "clusters", 0, {"candidate_pairs": candidates, "confirmed_pairs": len(pairs),
+        save_counts(self.work, "clusters", 0, {"candidate_pairs": candidates, "exact_duplicate_pairs": same_text,
+                                               "confirmed_pairs": len(pairs),
                                                "seconds": {"dedup_index": time.process_time() - t0}})
 
 
