@@ -13,7 +13,7 @@ TFLOP/s column counts hardware FLOPs (recomputation included), as published figu
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megadeep.config.deepspeed import LAYER_SIZED, load_recipe, offload_devices, zero_stage
 from megadeep.config.schema import ModelConfig
@@ -55,6 +55,15 @@ class Workload:
     precision: str = "bf16"
     flash: bool = True  # fused attention kernels (no s×s activations)
     partition_method: str = "parameters"  # parallel.partition_method: how DeepSpeed cuts the stages
+    # The MLP is GPT's GeLU one (fc1 → GeLU → fc2) with as many parameters as ``model``'s SwiGLU, i.e. of
+    # width 3/2·hidden_ffn: the published GPT-3 / BLOOM / MPT runs tests/test_planner.py checks, modelled
+    # by a SwiGLU of equal parameters and FLOPs. Only activations differ: GeLU keeps its input and output
+    # (2 × 3/2·f per token), SwiGLU gate|up, silu(gate) and the product (4·f). megadeep's model: False.
+    gelu_mlp: bool = False
+
+    def activation_model(self) -> ModelConfig:
+        """The model whose MLP width ``ActivationShape`` counts (GeLU's own width under ``gelu_mlp``)."""
+        return replace(self.model, ffn_dim=self.model.hidden_ffn * 3 // 2) if self.gelu_mlp else self.model
 
 
 @dataclass(frozen=True)
@@ -219,7 +228,8 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster, compute=None) -> Estim
 
     # --- memory of each pipeline stage's ranks; the busiest decides
     numels = stage_param_numels(m, c.tp, c.pp, w.partition_method, c.ep)
-    shape = ActivationShape(w.seq, c.micro_batch, m, c.tp, c.sequence_parallel, w.flash, act_bytes=act_bytes,
+    shape = ActivationShape(w.seq, c.micro_batch, w.activation_model(), c.tp, c.sequence_parallel, w.flash,
+                            gated_mlp=not w.gelu_mlp, act_bytes=act_bytes,
                             cp=c.cp, cp_gathers_kv=cp_method == "allgather")
     best = None
     for i in range(c.pp):
