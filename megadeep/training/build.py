@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megadeep.model.llama import Transformer, init_weights, materialize
+from megadeep.model.llama import Transformer, cached_rope_tables, init_weights, materialize
 from megadeep.parallel import groups
 from megadeep.parallel.layers import deferred_init
 from megadeep.training.run import ResolvedRun
@@ -50,6 +50,11 @@ def build_model(run: ResolvedRun, device: torch.device, ds_config: dict | None =
 
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each transformer block in place, as torchtitan does: small graphs that compile
-    once (the blocks share code), while embedding, head and loss stay eager for DeepSpeed's hooks."""
+    once (the blocks share code), while embedding, head and loss stay eager for DeepSpeed's hooks.
+    The RoPE table cache is filled first: filled inside the first compiled call, it was traced into
+    that graph and its change then recompiled the blocks' code a second time."""
     for block in model.layers:
+        a = block.attention
+        cached_rope_tables(a.max_seq_len, a.max_seq_len, a.head_dim, a.theta, a.wqkv.weight.device,
+                           a.wqkv.weight.dtype, a.rope_scaling)
         block.compile()
