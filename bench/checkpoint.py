@@ -65,7 +65,7 @@ def run(quick: bool = False) -> dict:
         paused = measure_paused(manager, state)
         cfg.checkpoint.resume = str(manager.last_good)
         ours_load = median_time(manager.resume, repeats=repeats)
-        ds_load = median_time(lambda: engine.load_checkpoint(str(ds_dir), tag=_tags[-1]), repeats=repeats)
+        ds_load = median_time(lambda: engine.load_checkpoint(str(ds_dir), tag=_ds_saves[-1].name), repeats=repeats)
         size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
         result = {
             "params": num_params(cfg.model), "train_step_s": step_s,
@@ -79,7 +79,7 @@ def run(quick: bool = False) -> dict:
             "async_paused_over_deepspeed": paused["async_paused_total_s"] / ds_save,
             "load_avg": os.getloadavg(),
             "megadeep_load_s": ours_load, "deepspeed_load_s": ds_load, "load_ratio": ours_load / ds_load,
-            "megadeep_bytes": size(manager.last_good), "deepspeed_bytes": size(ds_dir / _tags[-1]),
+            "megadeep_bytes": size(manager.last_good), "deepspeed_bytes": size(_ds_saves[-1]),
             **stall, "async_while_training_over_deepspeed": stall["async_while_training_s"] / ds_save,
         }
         trainer.close()
@@ -112,26 +112,22 @@ def new_tag(engine, ds_dir: Path) -> str:
     """DeepSpeed's save as a training run makes it: into a new tag (``global_stepN``), with the previous
     one still on disk, as megadeep writes a new directory before it drops the old one. (Overwriting one
     tag would reuse the pages the kernel just freed, which on this VM is several times faster than
-    memory the guest has not touched lately.) The previous tag is removed after the save, untimed."""
-    old = [d for d in ds_dir.iterdir() if d.is_dir()] if ds_dir.exists() else []
-    tag = f"t{len(_tags)}"
-    _tags.append(tag)
+    memory the guest has not touched lately.) ``settle`` removes the superseded tags, untimed."""
+    tag = f"t{len(_ds_saves)}"
     engine.save_checkpoint(str(ds_dir), tag=tag)
-    for d in old:
-        _doomed.append(d)
+    _ds_saves.append(ds_dir / tag)
     return tag
 
 
-_tags: list[str] = []
-_doomed: list[Path] = []
+_ds_saves: list[Path] = []  # every DeepSpeed checkpoint the bench wrote, the newest last
 
 
 def settle() -> None:
     """Write back every dirty page before a timed save: DeepSpeed returns with its ~1.7 GB still in the
     page cache, and the kernel flushing it during the next sample (megadeep's, which fsyncs) would bill
-    one side for the other's writes. DeepSpeed tags superseded since the last sample are deleted here."""
-    while _doomed:
-        shutil.rmtree(_doomed.pop(), ignore_errors=True)
+    one side for the other's writes. DeepSpeed tags older than the newest are deleted first."""
+    for old in _ds_saves[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
     os.sync()
 
 

@@ -235,7 +235,7 @@ def estimate(w: Workload, c: Candidate, cluster: Cluster, compute=None) -> Estim
     for i in range(c.pp):
         n = sum(numels[i])
         states = model_states(n, r.stage, zero_ranks, w.precision, persistent_numel(numels[i], r.persistence_threshold),
-                              r.offload_optimizer != "none")
+                              r.offload_optimizer)
         gpu_states, host = states.total, 0.0
         if r.offload_optimizer != "none":  # fp32 master, moments and fp32 gradient partition leave the GPU
             host = (states.optimizer + 4 * n / zero_ranks) if r.offload_optimizer == "cpu" else 0.0

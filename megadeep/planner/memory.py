@@ -41,18 +41,18 @@ class ModelStates:
         return self.params + self.grads + self.optimizer
 
 
-def adam_bytes_per_param(precision: str, stage: int, offload_optimizer: bool = False) -> int:
+def adam_bytes_per_param(precision: str, stage: int, offload_optimizer: str = "none") -> int:
     """K of the ZeRO paper for Adam: fp32 momentum and variance (8), plus 4 for the fp32 master copy
     that mixed precision needs. In fp32 training stage 0 goes without (Adam updates the parameters in
     place) and so does stage 3 with the optimizer on the device (the flat partition is the master,
     see megadeep.training.ds_fixes); DeepSpeed's stage 1/2 optimizers and an offloaded optimizer keep
     an fp32 copy of the partition apart from the parameters even when those are fp32 already."""
-    shared = stage == 0 or (stage == 3 and not offload_optimizer)
+    shared = stage == 0 or (stage == 3 and offload_optimizer == "none")
     return 8 if precision == "fp32" and shared else 12
 
 
 def model_states(n_params: float, stage: int, dp: int, precision: str, persistent: float = 0,
-                 offload_optimizer: bool = False) -> ModelStates:
+                 offload_optimizer: str = "none") -> ModelStates:
     """ZeRO's per-rank model states for ``n_params`` parameters held by this rank before ZeRO.
     At stage 3, ``persistent`` parameters (small tensors DeepSpeed keeps gathered) are held whole on
     top of the rank's share of the partitioned flat buffer, which still covers them."""
@@ -72,7 +72,7 @@ def persistent_numel(numels: list[int], threshold: int) -> int:
 
 
 def rank_model_states(cfg, zero_stage: int, persistence_threshold: int, pp_rank: int = 0,
-                      offload_optimizer: bool = False) -> ModelStates:
+                      offload_optimizer: str = "none") -> ModelStates:
     """The model states one rank of run config ``cfg`` holds (its pipeline stage's parameters as
     megadeep.model.accounting counts them, ZeRO-partitioned at ``zero_stage``; the stage and the
     persistence threshold are the resolved run's, read from its recipe once)."""

@@ -52,7 +52,7 @@ def describe(run: ResolvedRun, rank: int, gpu: str = "H100-80", gpus_per_node: i
     n = sum(numels)
     # ZeRO shards over DP×CP (CP ranks hold the same weights)
     states = model_states(n, run.zero_stage, p.dp * p.cp, t.precision, persistent_numel(numels, run.persistence_threshold),
-                          run.offload_optimizer != "none")
+                          run.offload_optimizer)
     n_layers = sum(1 for name in layer_names if name.startswith("layers"))
     act_bytes = DTYPE_BYTES[t.precision]
     shape = ActivationShape(t.seq_len, t.micro_batch_size, m, p.tp, p.sequence_parallel, act_bytes=act_bytes,

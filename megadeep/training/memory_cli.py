@@ -14,7 +14,7 @@ def expected_states(run, pp_rank: int):
     from megadeep.planner.memory import rank_model_states
 
     return rank_model_states(run.cfg, run.zero_stage, run.persistence_threshold, pp_rank,
-                             run.offload_optimizer != "none")
+                             run.offload_optimizer)
 
 
 def measure_point(cfg) -> int:

@@ -33,9 +33,9 @@ from megadeep.parallel import groups
 from megadeep.parallel.random import seed_everything
 from megadeep.training import preemption
 from megadeep.training.build import build_model
+from megadeep.training.ds_fixes import share_zero3_fp32_master
 from megadeep.training.grad_norm import ClipByGlobalNorm
 from megadeep.training.guard import FaultGuard
-from megadeep.training.ds_fixes import share_zero3_fp32_master
 from megadeep.training.host_memory import release_freed_memory, tune_cpu_allocator
 from megadeep.training.optimizer import choose_adam, lr_scheduler, param_groups
 from megadeep.training.run import resolve_run
