@@ -113,8 +113,12 @@ def megadeep_model_config(s: dict):
 
 
 def build_megadeep_bare(s: dict, workdir: Path):
-    """megadeep's model alone (no DeepSpeed, no Trainer) in the hand-written loop: the floor."""
+    """megadeep's model alone (no DeepSpeed, no Trainer) in the hand-written loop: the floor. With the
+    Trainer's host allocator on CPU (``training.host_memory``), so that the two differ by the Trainer."""
     from megadeep.model import Transformer
+    from megadeep.training.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()
 
     model = Transformer(megadeep_model_config(s))
     model.init_weights(0)
@@ -229,11 +233,16 @@ def build_plain_compiled(s: dict, workdir: Path):
     return step, n
 
 
-def worker(name: str, shape: dict) -> None:
-    """Build ``name``, warm it up, then serve turns: read a step count, run and time them, answer."""
+def worker(name: str, shape: dict, reuse_all: bool) -> None:
+    """Build ``name``, warm it up, then serve turns: read a step count, run and time them, answer.
+    ``reuse_all``: every implementation under megadeep's host allocator (what it alone is worth)."""
     import torch
 
     from megadeep.monitoring.flops import measure_cpu_peak_flops
+    from megadeep.training.host_memory import reuse_freed_memory
+
+    if reuse_all:
+        reuse_freed_memory()
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -254,11 +263,12 @@ def worker(name: str, shape: dict) -> None:
 
 # --- the driver -----------------------------------------------------------------------------------------
 class Worker:
-    def __init__(self, name: str, shape: dict, timeout: float):
+    def __init__(self, name: str, shape: dict, timeout: float, reuse_all: bool):
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         self.name, self.timeout = name, timeout
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.train_throughput", "--worker", name, "--shape", json.dumps(shape)],
+            [sys.executable, "-m", "bench.train_throughput", "--worker", name, "--shape", json.dumps(shape)]
+            + ["--reuse-allocator-everywhere"] * reuse_all,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
     def reply(self) -> dict:
@@ -285,13 +295,13 @@ def flops_per_step(s: dict) -> float:
 
 
 def run(quick: bool = False, rounds: int | None = None, steps_per_turn: int | None = None,
-        impls: tuple[str, ...] = IMPLS) -> dict:
+        impls: tuple[str, ...] = IMPLS, reuse_all: bool = False) -> dict:
     s = QUICK if quick else SHAPE
     rounds = rounds or (2 if quick else 5)
     steps_per_turn = steps_per_turn or (3 if quick else 3)
     workers, params, threads, skipped = {}, {}, {}, {}
     for name in impls:  # built one at a time: each build and warm-up has the machine to itself
-        w = Worker(name, s, timeout=1800)
+        w = Worker(name, s, timeout=1800, reuse_all=reuse_all)
         try:
             ready = w.reply()
             params[name], threads[name] = ready["params"], ready["threads"]
@@ -320,8 +330,8 @@ def run(quick: bool = False, rounds: int | None = None, steps_per_turn: int | No
         return {name: statistics.median(b["step_s"] / a["step_s"] for a, b in zip(samples[ours], samples[name]))
                 for name in names if ours in samples and name in samples and name != ours}
 
-    return {"shape": s, "quick": quick, "rounds": rounds, "steps_per_turn": steps_per_turn,
-            "warmup_steps": WARMUP_STEPS, "flops_per_step": fps, "impls": per_impl,
+    return {"shape": s, "quick": quick, "reuse_allocator_everywhere": reuse_all, "rounds": rounds,
+            "steps_per_turn": steps_per_turn, "warmup_steps": WARMUP_STEPS, "flops_per_step": fps, "impls": per_impl,
             "megadeep_speedup_vs": speedups("megadeep", samples),
             "megadeep_compiled_speedup_vs": speedups("megadeep_compiled", ("plain_compiled", "megadeep")),
             "skipped": skipped}
@@ -347,13 +357,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--steps-per-turn", type=int)
     ap.add_argument("--only", default="", help="comma-separated implementations (megadeep is always first)")
+    ap.add_argument("--reuse-allocator-everywhere", action="store_true",
+                    help="run every implementation under megadeep's CPU host allocator (training.host_memory)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, json.loads(args.shape))
+        return worker(args.worker, json.loads(args.shape), args.reuse_allocator_everywhere)
     impls = tuple(dict.fromkeys(["megadeep", *[n for n in args.only.split(",") if n]])) if args.only else IMPLS
-    r = run(args.quick, args.rounds, args.steps_per_turn, impls)
+    r = run(args.quick, args.rounds, args.steps_per_turn, impls, args.reuse_allocator_everywhere)
     load = [x["load"] for rows in r["impls"].values() for x in rows["samples"]]
     print(f"{r['rounds']} rounds x {r['steps_per_turn']} steps, load average {min(load):.1f}-{max(load):.1f}")
     for name, v in r["impls"].items():
@@ -367,7 +379,8 @@ def main() -> None:
         print(f"{name:>16}: skipped: {why}")
     from bench.common import save
 
-    print("saved", save("train_throughput" + ("-quick" if args.quick else ""), r))
+    print("saved", save("train_throughput" + ("-quick" if args.quick else "")
+                        + ("-reuse-everywhere" if args.reuse_allocator_everywhere else ""), r))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megadeep.model.llama import cached_rope_tables, rope_tables
-from megadeep.training.grad_norm import sum_of_squares
+from megadeep.training.grad_norm import ClipByGlobalNorm, sum_of_squares
 from megadeep.training.trainer import skip_identity_allreduce
 
 
@@ -22,6 +22,32 @@ def test_sum_of_squares_matches_fp64_and_does_not_depend_on_sharding():
     assert abs(sum_of_squares(shards) / got - 1) < 1e-6
     assert sum_of_squares([]) == 0
     assert not torch.isfinite(sum_of_squares(grads + [torch.tensor([float("inf")])]))  # overflow is seen
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipping_equals_torchs_clip_grad_norm(fused):
+    """The hook (the coefficient inside fused AdamW's step, or a multiply otherwise) trains as torch's
+    clip_grad_norm_ + the same optimizer: clipped steps, an unclipped one, and the scale not left behind."""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(40, 30, generator=gen), torch.randn(30, generator=gen)]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = torch.optim.AdamW(ours, lr=0.1, fused=fused, foreach=None if fused else True)
+    ref_opt = torch.optim.AdamW(ref, lr=0.1, fused=fused, foreach=None if fused else True)
+    clip = ClipByGlobalNorm(opt, ours, max_norm=1.0)
+    assert clip.in_step == fused
+    for size in (30.0, 5.0, 0.01, 3.0):  # 0.01: below max_norm, nothing to clip
+        grads = [torch.randn(t.shape, generator=gen) * size / 30 for t in init]
+        for p, q, g in zip(ours, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        opt.step()
+        ref_opt.step()
+        assert abs(clip.norm - ref_norm.item()) <= 1e-6 * ref_norm.item()
+        assert getattr(opt, "grad_scale", None) is None
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)  # left clipped, as torch leaves them
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_rope_tables_are_built_once_and_sliced():

@@ -45,11 +45,14 @@ class ResolvedRun:
         return f" CP={self.layout.cp} ({self.cp_attention})" if self.layout.cp > 1 else ""
 
     @property
-    def lean_host_memory(self) -> bool:
-        """Whether the rank hands freed host memory back (``training.host_memory``): CPU ranks under
-        ZeRO-3, whose partitions are what bounds their memory. Elsewhere glibc's reuse of freed blocks
-        wins: mapping every large tensor afresh costs a 60M ZeRO-0 step 13% (1.85 s -> 2.10 s)."""
-        return self.device_type == "cpu" and self.zero_stage == 3
+    def host_allocator(self) -> str:
+        """How the rank's allocator treats freed host memory (``training.host_memory``): ``lean`` for
+        CPU ranks under ZeRO-3, whose partitions are what bounds their memory; ``reuse`` for other CPU
+        ranks, where mapping large tensors afresh each step costs time (a 60M ZeRO-0 step 13% with
+        lean, 1.85 s -> 2.10 s); ``system`` (glibc's defaults) for GPU ranks."""
+        if self.device_type != "cpu":
+            return "system"
+        return "lean" if self.zero_stage == 3 else "reuse"
 
     @property
     def pipelined(self) -> bool:

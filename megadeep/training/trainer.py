@@ -36,7 +36,7 @@ from megadeep.training.build import build_model
 from megadeep.training.ds_fixes import share_zero3_fp32_master
 from megadeep.training.grad_norm import ClipByGlobalNorm
 from megadeep.training.guard import FaultGuard
-from megadeep.training.host_memory import release_freed_memory, tune_cpu_allocator
+from megadeep.training.host_memory import release_freed_memory, reuse_freed_memory, tune_cpu_allocator
 from megadeep.training.optimizer import choose_adam, lr_scheduler, param_groups
 from megadeep.training.run import resolve_run
 
@@ -95,6 +95,8 @@ class Trainer:
         quiet_libraries(self.device, pe.rank)  # before DeepSpeed's first import
         import deepspeed
         self.run_facts = run = resolve_run(cfg, self.device.type)
+        if run.host_allocator == "reuse":
+            reuse_freed_memory()  # before construction: its temporaries are reused too
         init_distributed(pe, self.device, cfg.train.dist_timeout_s)
         p = cfg.parallel
         groups.initialize(run.layout)
@@ -108,7 +110,7 @@ class Trainer:
         self.pipelined = run.pipelined
         ds_config = run.ds_config()
         model = build_finetune_model(cfg, self.device) if finetuning(cfg) else build_model(run, self.device, ds_config)
-        self.host_tensors = run.lean_host_memory  # return freed host memory (host_memory)
+        self.host_tensors = run.host_allocator == "lean"  # return freed host memory (host_memory)
         if self.host_tensors:
             tune_cpu_allocator()  # after construction: from DeepSpeed's setup on, freed tensors leave
         if cfg.model.moe.enabled:
