@@ -12,8 +12,8 @@ import sys
 
 from setuptools import find_packages, setup
 
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/rms_norm.cpp", "csrc/cpu/swiglu.cpp"]
-CUDA_SOURCES = ["csrc/cuda/bindings.cpp", "csrc/cuda/rms_norm.cu", "csrc/cuda/swiglu.cu"]
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/rms_norm.cpp", "csrc/cpu/swiglu.cpp", "csrc/cpu/rope.cpp"]
+CUDA_SOURCES = ["csrc/cuda/bindings.cpp", "csrc/cuda/rms_norm.cu", "csrc/cuda/swiglu.cu", "csrc/cuda/rope.cu"]
 # at::parallel_for is a header template whose OpenMP loop is compiled into our own objects: without
 # -fopenmp it silently runs on one thread. The OpenMP runtime is torch's own (resolved at load time).
 # -g0 drops Python's default -g (debug info doubles the build time); ATen's headers carry CUDA-only

@@ -12,6 +12,8 @@ TORCH_LIBRARY(megadeep, m) {
   m.def("swiglu_bwd(Tensor dout, Tensor gate_up) -> Tensor");
   // The same, with d(gate | up) written over gate_up.
   m.def("swiglu_bwd_(Tensor dout, Tensor(a!) gate_up) -> ()");
+  // Rotary embedding, rotate-half layout, into a new contiguous tensor; backward=True applies its transpose.
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, bool backward) -> Tensor");
   m.def("cuda_built() -> bool", []() -> bool {
 #ifdef MEGADEEP_WITH_CUDA
     return true;

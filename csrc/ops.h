@@ -11,6 +11,8 @@
 
 #include <vector>
 
+#include "shapes.h"
+
 namespace megadeep {
 
 // A contiguous input seen as `rows` rows of `len` elements.
@@ -44,6 +46,23 @@ inline std::vector<int64_t> half_last(const at::Tensor& gate_up) {
   std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
   shape.back() /= 2;
   return shape;
+}
+
+// rope's operands (RopeDims, shapes.h), checked.
+inline RopeDims check_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4, "rope: x must be [batch, seq, heads, head_dim], got shape ", x.sizes());
+  TORCH_CHECK(x.size(3) % 2 == 0, "rope: head_dim must be even, got ", x.size(3));
+  TORCH_CHECK(x.stride(3) == 1 || x.size(3) <= 1, "rope: x must have unit stride along head_dim");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 3 && (cos.size(0) == 1 || cos.size(0) == x.size(0)) &&
+                  cos.size(1) == x.size(1) && cos.size(2) == x.size(3),
+              "rope: cos and sin must be [1 or batch, seq, head_dim] for x of shape ", x.sizes(), ", got ",
+              cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "rope: cos and sin must be contiguous");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "rope: cos and sin must have x's dtype ", x.scalar_type());
+  TORCH_CHECK(cos.device() == x.device() && sin.device() == x.device(), "rope: x is on ", x.device(),
+              " but the tables on ", cos.device());
+  return {x.size(0), x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(1), x.stride(2), cos.size(0) > 1};
 }
 
 // A gradient must look like the tensor it belongs to (shape, dtype, device) and be contiguous.

@@ -9,8 +9,10 @@ from megadeep.config import load_config, resolve
 from megadeep.training.run import resolve_run
 from tests.helpers import ROOT
 
-# Allocates, touches and frees a tensor larger than glibc's 32 MiB mmap ceiling, then does it again:
-# prints the page faults the second round took and the resident bytes after the frees.
+# Allocates, touches and frees a tensor larger than glibc's 32 MiB mmap ceiling, then allocates one half
+# its size (an aligned request a bit larger than the bytes it asks for fits in the freed block whatever
+# was allocated after it): prints the page faults the second tensor took and the resident bytes its free
+# gave back.
 PROBE = r"""
 import resource, sys, torch
 from megadeep.training import host_memory
@@ -22,7 +24,7 @@ elif mode == "lean":
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 n = 64 * 2**20 // 4
-torch.ones(n)  # allocated, touched and freed
+torch.ones(2 * n)  # allocated, touched and freed
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 x = torch.ones(n)
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before

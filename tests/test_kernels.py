@@ -1,4 +1,4 @@
-"""megadeep's csrc kernels: forward and backward against float64 references, gradcheck through the
+"""megadeep's csrc kernels (RMSNorm, SwiGLU, RoPE): forward and backward against float64 references, gradcheck through the
 fp64 kernels, bf16 within bf16 tolerance, deterministic dw, input checks, the plain-PyTorch fallback,
 the CUDA sources compiling for sm_80/sm_90, and the fused model training like the unfused one.
 """
@@ -40,6 +40,23 @@ def swiglu_ref(gate_up):
     return F.silu(gate) * up
 
 
+def rope_ref(x, cos, sin):
+    x, cos, sin = x.double(), cos.double(), sin.double()
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rope_case(b, s, h, d, per_batch, g, dtype=torch.float32):
+    """q as the model sees it (a strided view of a fused qkv output) and tables shaped as rope_at makes
+    them: [s, 1, d], or [b, s, 1, d] with per-document positions. cos and sin halves differ on purpose
+    (scaled tables keep them equal; the kernel must not rely on it)."""
+    qkv = torch.randn(b, s, 3 * h * d + 2, generator=g)
+    x = qkv[..., 1:1 + h * d].unflatten(-1, (h, d))
+    shape = (b, s, 1, d) if per_batch else (s, 1, d)
+    cos, sin = torch.rand(shape, generator=g) * 2 - 1, torch.rand(shape, generator=g) * 2 - 1
+    return x.to(dtype), cos.to(dtype), sin.to(dtype), torch.randn(b, s, h, d, generator=g).to(dtype)
+
+
 def grads(fn, *inputs, dout):
     """Output and input gradients of fn at `inputs` (each a fresh leaf) for upstream gradient dout."""
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
@@ -76,6 +93,19 @@ def test_swiglu_fp32_matches_float64(rows, hidden):
     assert rel_err(d, d_ref) < 1e-6
 
 
+@pytest.mark.parametrize("b,s,h,d", [(1, 1, 1, 2), (2, 5, 3, 10), (3, 7, 2, 64), (1, 4, 5, 66)])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_rope_fp32_matches_float64(b, s, h, d, per_batch):
+    g = torch.Generator().manual_seed(d)
+    x, cos, sin, dy = rope_case(b, s, h, d, per_batch, g)
+    assert b * s * h == 1 or not x.is_contiguous()
+    y, (dx,) = grads(lambda t: ops.rope(t, cos, sin, fused=True), x, dout=dy)
+    y_ref, (dx_ref,) = grads(lambda t: rope_ref(t, cos, sin), x.double(), dout=dy.double())
+    assert y.dtype == dx.dtype == torch.float32 and y.is_contiguous()
+    assert rel_err(y, y_ref) < 1e-6 and rel_err(dx, dx_ref) < 1e-6
+    assert type(ops.rope(x.requires_grad_(), cos, sin, fused=True).grad_fn).__name__ == "RopeFunctionBackward"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_gradient_in_place(dtype):
     """grad_in_place gives the same gradient, written over the intermediate gate_up; misuse is refused."""
@@ -109,6 +139,8 @@ def test_gradcheck_through_the_fp64_kernels():
         assert torch.autograd.gradcheck(lambda a, b: fused.RMSNormFunction.apply(a, b, EPS), (x, w))
         gu = torch.randn(2, 3, 2 * hidden, dtype=torch.float64, generator=g, requires_grad=True)
         assert torch.autograd.gradcheck(fused.SwiGLUFunction.apply, (gu,))
+    x, cos, sin, _ = rope_case(2, 3, 2, 6, True, g, torch.float64)
+    assert torch.autograd.gradcheck(lambda t: ops.rope(t, cos, sin, fused=True), (x.requires_grad_(),))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -128,6 +160,11 @@ def test_reduced_precision_within_its_tolerance(dtype):
     out_ref, (d_ref,) = grads(swiglu_ref, gate_up, dout=dout.double())
     assert out.dtype == d.dtype == dtype
     assert rel_err(out, out_ref) < 4 * ulp and rel_err(d, d_ref) < 4 * ulp
+    x, cos, sin, dy = rope_case(2, 6, 3, 40, False, g, dtype)
+    y, (dx,) = grads(lambda t: ops.rope(t, cos, sin, fused=True), x, dout=dy)
+    y_ref, (dx_ref,) = grads(lambda t: rope_ref(t, cos, sin), x, dout=dy.double())
+    assert y.dtype == dx.dtype == dtype
+    assert rel_err(y, y_ref) < 4 * ulp and rel_err(dx, dx_ref) < 4 * ulp
 
 
 def test_fp32_weight_with_bf16_activations():
@@ -170,6 +207,15 @@ def test_ops_refuse_bad_inputs_clearly():
     _, rstd = torch.ops.megadeep.rms_norm_fwd(x, w, EPS)
     with pytest.raises(RuntimeError, match="gradient is"):
         torch.ops.megadeep.rms_norm_bwd(torch.randn(4, 9), x, w, rstd)
+    q, table = torch.randn(2, 3, 4, 8), torch.randn(1, 3, 8)
+    with pytest.raises(RuntimeError, match="head_dim must be even"):
+        torch.ops.megadeep.rope(torch.randn(2, 3, 4, 7), torch.randn(1, 3, 7), torch.randn(1, 3, 7), False)
+    with pytest.raises(RuntimeError, match=r"cos and sin must be \[1 or batch, seq, head_dim\]"):
+        torch.ops.megadeep.rope(q, torch.randn(1, 4, 8), torch.randn(1, 4, 8), False)
+    with pytest.raises(RuntimeError, match="unit stride along head_dim"):
+        torch.ops.megadeep.rope(q.transpose(2, 3).contiguous().transpose(2, 3), table, table, False)
+    with pytest.raises(RuntimeError, match="must have x's dtype"):
+        torch.ops.megadeep.rope(q, table.double(), table.double(), False)
 
 
 def test_dw_is_the_same_for_any_thread_count():
@@ -197,6 +243,8 @@ def test_fake_kernels_match_the_real_ones():
         (torch.ops.megadeep.swiglu_fwd.default, (gu,)),
         (torch.ops.megadeep.swiglu_bwd.default, (torch.randn(5, 6), gu)),
         (torch.ops.megadeep.swiglu_bwd_.default, (torch.randn(5, 6), gu.clone())),
+        (torch.ops.megadeep.rope.default, (torch.randn(2, 3, 4, 8)[:, :, 1:], torch.randn(1, 3, 8), torch.randn(1, 3, 8),
+                                           True)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
@@ -275,7 +323,7 @@ def test_cuda_sources_compile_for_sm80_and_sm90(tmp_path, monkeypatch):
     assert "-gencode=arch=compute_80,code=sm_80" in flags and "-gencode=arch=compute_90,code=sm_90" in flags
     commands = [["nvcc", "-c", str(src), "-o", str(tmp_path / f"{src.stem}.o"), *flags]
                 for src in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
-    assert len(commands) == 2
+    assert len(commands) == 3
     commands.append(bindings_check(tmp_path))
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
     for command, p in zip(commands, procs):

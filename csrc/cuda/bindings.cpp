@@ -77,9 +77,21 @@ void swiglu_bwd_into(const at::Tensor& dout, const at::Tensor& gate_up, const at
                "swiglu backward");
 }
 
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
+  const RopeDims r = check_rope(x, cos, sin);
+  const DType dtype = dtype_of(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  check_launch(cuda::rope(dtype, x.const_data_ptr(), cos.const_data_ptr(), sin.const_data_ptr(), y.mutable_data_ptr(),
+                          r, backward, c10::cuda::getCurrentCUDAStream()),
+               "rope");
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(megadeep, CUDA, m) {
+  m.impl("rope", &rope);
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
   m.impl("swiglu_fwd", &swiglu_fwd);

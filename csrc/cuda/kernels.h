@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "../shapes.h"
+
 namespace megadeep::cuda {
 
 enum class DType { kFloat32, kFloat16, kBFloat16 };
@@ -27,5 +29,9 @@ cudaError_t rms_norm_bwd(DType dtype, const void* dy, const void* x, const float
 cudaError_t swiglu_fwd(DType dtype, const void* gate_up, void* out, int64_t rows, int64_t width, cudaStream_t stream);
 cudaError_t swiglu_bwd(DType dtype, const void* dout, const void* gate_up, void* dgate_up, int64_t rows,
                        int64_t width, cudaStream_t stream);
+
+// x, cos, sin, y: see RopeDims (shapes.h).
+cudaError_t rope(DType dtype, const void* x, const void* cos, const void* sin, void* y, const RopeDims& r,
+                 bool backward, cudaStream_t stream);
 
 }  // namespace megadeep::cuda

@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megadeep import ops
 from megadeep.errors import ConfigError
-from megadeep.model.llama import Attention, Block, Transformer, apply_rope, cached_rope_tables, tied_logits
+from megadeep.model.llama import Attention, Block, Transformer, cached_rope_tables, tied_logits
 from megadeep.parallel import comm, groups
 
 
@@ -65,7 +66,7 @@ def _attention(a: Attention, x, cos, sin, mask, cache: KVCache | None, layer: in
     q = q.view(b, s, a.n_heads, a.head_dim).transpose(1, 2)
     k = k.view(b, s, a.n_kv_heads, a.head_dim).transpose(1, 2)
     v = v.view(b, s, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
     if cache is not None:
         end = cache.length + s
         cache.k[layer][:, :, cache.length:end], cache.v[layer][:, :, cache.length:end] = k, v

@@ -85,11 +85,6 @@ def cached_rope_tables(seq_len: int, max_seq_len: int, head_dim: int, theta: flo
     return cos[:seq_len], sin[:seq_len]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 def rope_at(cos: torch.Tensor, sin: torch.Tensor, seq: int, docs: Documents | None):
     """The tables for this rank's positions of a ``seq``-long sequence, shaped for ``[b, s, heads, d]``:
     global positions (the CP slice's, under context parallelism) or, with per-document restarts, each
@@ -105,8 +100,9 @@ def rope_at(cos: torch.Tensor, sin: torch.Tensor, seq: int, docs: Documents | No
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, sequence_parallel: bool, std: float, out_std: float, v_std: float,
-                 cp_attention: str = "auto"):
+                 cp_attention: str = "auto", fused: bool = False):
         super().__init__()
+        self.fused = fused
         tp = groups.get_tensor_model_parallel_world_size()
         self.head_dim, self.theta, self.dropout = cfg.head_dim, cfg.rope_theta, cfg.attention_dropout
         self.max_seq_len, self.rope_scaling = cfg.max_seq_len, cfg.rope_scaling
@@ -133,7 +129,7 @@ class Attention(nn.Module):
         cos, sin = cached_rope_tables(seq, self.max_seq_len, self.head_dim, self.theta, q.device, q.dtype,
                                       self.rope_scaling)
         cos, sin = rope_at(cos, sin, seq, docs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = ops.rope(q, cos, sin, self.fused), ops.rope(k, cos, sin, self.fused)
         p = self.dropout if self.training else 0.0
         with get_rng_tracker().fork() if p else contextlib.nullcontext():  # heads differ per TP rank
             y = attend(q, k, v, docs, self.cp_attention, p)
@@ -184,7 +180,7 @@ class Block(nn.Module):
             o_std = down_std = cfg.init_std / math.sqrt(2 * n_layers) if cfg.residual_scaling else cfg.init_std
         sp = sequence_parallel
         self.attention_norm = RMSNorm(d, cfg.norm_eps, sp, fused)
-        self.attention = Attention(cfg, sp, qk_std, o_std, v_std, cp_attention)
+        self.attention = Attention(cfg, sp, qk_std, o_std, v_std, cp_attention, fused)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps, sp, fused)
         if cfg.is_moe_layer(layer_id):
             from megadeep.model.moe import MoEFeedForward

@@ -1,6 +1,6 @@
-"""Normalisation and activation ops, with megadeep's fused csrc kernels when they are built.
+"""Normalisation, activation and rotary-embedding ops, with megadeep's fused csrc kernels when they are built.
 
-The model calls :func:`rms_norm` and :func:`swiglu`; whether they run fused kernels or plain PyTorch
+The model calls :func:`rms_norm`, :func:`swiglu` and :func:`rope`; whether they run fused kernels or plain PyTorch
 is decided once per model by :func:`use_fused`. A fused op whose kernel does not take a tensor's
 device or dtype runs plain PyTorch, and says so once.
 """
@@ -17,7 +17,7 @@ from megadeep.ops import fused as _fused
 
 @functools.cache
 def _say_fallback(reason: str) -> None:
-    warnings.warn(f"megadeep: {reason}; RMSNorm and SwiGLU run in plain PyTorch", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"megadeep: {reason}; RMSNorm, SwiGLU and RoPE run in plain PyTorch", RuntimeWarning, stacklevel=3)
 
 
 def use_fused(mode: str) -> bool:
@@ -63,3 +63,17 @@ def swiglu(gate_up: torch.Tensor, fused: bool = False, grad_in_place: bool = Fal
         return _fused.SwiGLUFunction.apply(gate_up, grad_in_place)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """Rotary embedding, rotate-half layout: ``x·cos + rotate_half(x)·sin`` for ``x [b, s, heads, d]``
+    and tables shaped to broadcast over the heads, ``[s, 1, d]`` or ``[b, s, 1, d]``. Tables that need a
+    gradient run plain PyTorch (the kernel gives none for them)."""
+    if _runs_fused(fused, x) and x.dim() == 4 and cos.dim() in (3, 4) and not (cos.requires_grad or sin.requires_grad):
+        def table(t):
+            t = t.squeeze(-2)
+            return (t if t.dim() == 3 else t.unsqueeze(0)).to(x.dtype).contiguous()
+
+        return _fused.RopeFunction.apply(x, table(cos), table(sin))
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin

@@ -69,6 +69,10 @@ def _register_fakes() -> None:
     def _(dout, gate_up):
         return None
 
+    @torch.library.register_fake("megadeep::rope")
+    def _(x, cos, sin, backward):
+        return x.new_empty(x.shape)
+
 
 class RMSNormFunction(torch.autograd.Function):
     """y = x · rsqrt(mean(x²) + eps) · w; saves x and the per-row rstd, not the normalised x."""
@@ -108,3 +112,18 @@ class SwiGLUFunction(torch.autograd.Function):
             torch.autograd.graph.increment_version(gate_up)
             return gate_up, None
         return torch.ops.megadeep.swiglu_bwd(dout.contiguous(), gate_up), None
+
+
+class RopeFunction(torch.autograd.Function):
+    """Rotary embedding of ``x [b, s, heads, d]`` with tables ``[1 or b, s, d]`` (no gradient for the
+    tables): the backward is the same kernel applying the rotation's transpose."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return torch.ops.megadeep.rope(x if x.stride(-1) == 1 else x.contiguous(), cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return torch.ops.megadeep.rope(dy if dy.stride(-1) == 1 else dy.contiguous(), cos, sin, True), None, None
