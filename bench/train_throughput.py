@@ -10,7 +10,12 @@ same hyper-parameters and decay groups, clipping by the global norm at 1.0 and m
 LR schedule. The load average is recorded with every sample, and each turn measures the matmul peak it
 gets, so the step is also reported as % of that peak (model FLOPs, PaLM's count).
 
-    python -m bench.train_throughput [--quick] [--rounds N]
+megadeep's Trainer (and the bare floor) keep freed host memory for the next step on CPU
+(``training.host_memory``); the others run under glibc's defaults, as their users run them.
+``--reuse-allocator-everywhere`` puts every implementation under megadeep's setting, to show what that
+setting alone is worth.
+
+    python -m bench.train_throughput [--quick] [--rounds N] [--reuse-allocator-everywhere]
 """
 from __future__ import annotations
 
