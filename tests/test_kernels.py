@@ -1,5 +1,5 @@
-"""megadeep's csrc kernels (RMSNorm, SwiGLU, RoPE): forward and backward against float64 references, gradcheck through the
-fp64 kernels, bf16 within bf16 tolerance, deterministic dw, input checks, the plain-PyTorch fallback,
+"""megadeep's csrc kernels (RMSNorm, SwiGLU, RoPE): forward and backward against float64 references,
+gradcheck through the fp64 kernels, bf16 within bf16 tolerance, deterministic dw, input checks, the plain-PyTorch fallback,
 the CUDA sources compiling for sm_80/sm_90, and the fused model training like the unfused one.
 """
 import ast
@@ -243,8 +243,8 @@ def test_fake_kernels_match_the_real_ones():
         (torch.ops.megadeep.swiglu_fwd.default, (gu,)),
         (torch.ops.megadeep.swiglu_bwd.default, (torch.randn(5, 6), gu)),
         (torch.ops.megadeep.swiglu_bwd_.default, (torch.randn(5, 6), gu.clone())),
-        (torch.ops.megadeep.rope.default, (torch.randn(2, 3, 4, 8)[:, :, 1:], torch.randn(1, 3, 8), torch.randn(1, 3, 8),
-                                           True)),
+        (torch.ops.megadeep.rope.default,
+         (torch.randn(2, 3, 4, 8)[:, :, 1:], torch.randn(1, 3, 8), torch.randn(1, 3, 8), True)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 

@@ -55,7 +55,7 @@ def reuse_freed_memory() -> bool:
     """Serve every request from the heap and never shrink it (glibc only), so each step's tensors
     reuse resident pages. Without it, tensors over glibc's 32 MiB ceiling (the logits, the embedding's
     and head's gradients at vocab 32000) are mapped afresh and page-faulted in every step: ~110k
-    faults per step at the 60M shape of ``bench.train_throughput``, a few % of its step. The heap keeps
+    faults per step at the 60M shape of ``bench.train_throughput``, 5-7% of its step. The heap keeps
     its high-water mark (the trim threshold is glibc's largest, 2 GiB of free top). Returns whether
     it applied."""
     lib = _glibc()
