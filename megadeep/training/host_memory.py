@@ -25,6 +25,7 @@ import platform
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameter numbers (malloc.h)
 MMAP_THRESHOLD_BYTES = 64 * 1024
 GLIBC_MAX_THRESHOLD = 32 * 1024 * 1024  # where glibc's own threshold ends up after large frees (64-bit)
+GLIBC_MMAP_MAX, GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's defaults, which reuse_freed_memory changes
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,11 +45,15 @@ def tune_cpu_allocator(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Return free heap memory to the system and map blocks of ``threshold`` bytes and up separately
     from now on (glibc only), so freed tensors leave the process. Returns whether it applied. Costs
     page faults on each fresh large tensor: the step-time effect is measured in ``bench.construction``
-    (steps at 64 KiB vs glibc's 32 MiB, interleaved)."""
-    if _glibc() is None:
+    (steps at 64 KiB vs glibc's 32 MiB, interleaved). Undoes :func:`reuse_freed_memory` if a run in
+    this process set it before."""
+    lib = _glibc()
+    if lib is None:
         return False
+    lib.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)
+    lib.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD)
     release_freed_memory()
-    return bool(_glibc().mallopt(M_MMAP_THRESHOLD, threshold))
+    return bool(lib.mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def reuse_freed_memory() -> bool:
