@@ -114,6 +114,11 @@ class SwiGLUFunction(torch.autograd.Function):
         return torch.ops.megadeep.swiglu_bwd(dout.contiguous(), gate_up), None
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """The kernel takes any layout with unit stride along head_dim (q/k views of the qkv output as they are)."""
+    return torch.ops.megadeep.rope(x if x.stride(-1) == 1 else x.contiguous(), cos, sin, backward)
+
+
 class RopeFunction(torch.autograd.Function):
     """Rotary embedding of ``x [b, s, heads, d]`` with tables ``[1 or b, s, d]`` (no gradient for the
     tables): the backward is the same kernel applying the rotation's transpose."""
@@ -121,9 +126,9 @@ class RopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        return torch.ops.megadeep.rope(x if x.stride(-1) == 1 else x.contiguous(), cos, sin, False)
+        return _rope(x, cos, sin, False)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        return torch.ops.megadeep.rope(dy if dy.stride(-1) == 1 else dy.contiguous(), cos, sin, True), None, None
+        return _rope(dy, cos, sin, True), None, None

@@ -25,7 +25,7 @@ import platform
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameter numbers (malloc.h)
 MMAP_THRESHOLD_BYTES = 64 * 1024
 GLIBC_MAX_THRESHOLD = 32 * 1024 * 1024  # where glibc's own threshold ends up after large frees (64-bit)
-GLIBC_MMAP_MAX, GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's defaults, which reuse_freed_memory changes
+GLIBC_MMAP_MAX = 65536  # glibc's default, which reuse_freed_memory sets to 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,13 +45,13 @@ def tune_cpu_allocator(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Return free heap memory to the system and map blocks of ``threshold`` bytes and up separately
     from now on (glibc only), so freed tensors leave the process. Returns whether it applied. Costs
     page faults on each fresh large tensor: the step-time effect is measured in ``bench.construction``
-    (steps at 64 KiB vs glibc's 32 MiB, interleaved). Undoes :func:`reuse_freed_memory` if a run in
-    this process set it before."""
+    (steps at 64 KiB vs glibc's 32 MiB, interleaved). Maps again if a run in this process had
+    :func:`reuse_freed_memory` turn mapping off (its high trim threshold does not matter here: mapped
+    blocks bypass the heap, and the trainer trims it explicitly)."""
     lib = _glibc()
     if lib is None:
         return False
     lib.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)
-    lib.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD)
     release_freed_memory()
     return bool(lib.mallopt(M_MMAP_THRESHOLD, threshold))
 
