@@ -226,7 +226,8 @@ def main() -> None:
             print(f"{name} rank {r['rank']}: build {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU; peak RSS above "
                   f"baseline per phase, GB (x partitions {(r['params_partition'] + r['optimizer_partition']) / 1e9:.2f} "
                   f"GB): {phases}")
-    print(f"saved {save('construction' + ('-quick' if args.quick else '') + ('-bf16' if args.precision == 'bf16' else ''), result)}")
+    name = "construction" + ("-quick" if args.quick else f"-scale{args.scale:g}" if args.scale != 1 else "")
+    print(f"saved {save(name + ('-bf16' if args.precision == 'bf16' else ''), result)}")
 
 
 if __name__ == "__main__":
