@@ -15,6 +15,11 @@ class FakeCuda:
     """The parts of torch.cuda a rank consults to pick and set its GPU."""
 
     def __init__(self, monkeypatch, visible: int):
+        # DeepSpeed keeps the accelerator it first picks (importing it picks one) for the whole process:
+        # picked under this fake GPU, it would be CUDA's for every later test in the process. Imported
+        # first, so the real one is picked, and restored afterwards.
+        from deepspeed.accelerator import real_accelerator
+        monkeypatch.setattr(real_accelerator, "ds_accelerator", real_accelerator.get_accelerator())
         self.visible, self.current, self.set_calls = visible, 0, []
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: self.visible)
