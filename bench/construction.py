@@ -69,7 +69,8 @@ def worker(out: str, tp: int, model: dict, text: str, recipe: str, precision: st
     def config(model: dict):
         return resolve(load_config(None, [
             *(f"model.{k}={v}" for k, v in model.items()), "model.tie_embeddings=false", "model.max_seq_len=64",
-            f"parallel.tp={tp}", f"deepspeed.config={recipe}", f"train.precision={precision}", "train.seq_len=64", "train.micro_batch_size=1",
+            f"parallel.tp={tp}", f"deepspeed.config={recipe}", f"train.precision={precision}", "train.seq_len=64",
+            "train.micro_batch_size=1",
             f"train.global_batch_size={world // tp}", f"train.steps={2 + 2 * STEP_ROUNDS}", "optim.warmup_steps=0",
             "data.val_fraction=0", f"data.paths=[{text}]", "log.progress=false"]), world)
 
@@ -168,7 +169,8 @@ def run(quick: bool = False, scale: float = 1.0, precision: str = "fp32") -> dic
     from megadeep.model import num_params
 
     model = shape(quick, scale)
-    result = {"model": model, "precision": precision, "params": num_params(ModelConfig(**model, tie_embeddings=False)), "layouts": {}}
+    result = {"model": model, "precision": precision, "params": num_params(ModelConfig(**model, tie_embeddings=False)),
+              "layouts": {}}
     with tempfile.TemporaryDirectory(prefix="bench-construct-") as tmp:
         for name, (tp, nproc) in LAYOUTS.items():
             result["layouts"][name] = launch(tp, nproc, model, Path(tmp), precision=precision)
